@@ -1,0 +1,167 @@
+"""Benchmarks. Each measurement is one JSON row (stdout, and appended to ``--out``); results go to docs/benchmarks/.
+
+    python launch/bench.py head --num-classes 10000 100000 1000000 --heads fc pfc_dense partial_fc:ram partial_fc:nvme
+
+``head``: one head step (logits, margin, cross-entropy, backward, row update) at batch B and width D on synthetic
+embeddings, for each head and each number of classes. Each configuration runs in its own subprocess so that peak
+host memory (ru_maxrss) and peak device memory belong to that configuration alone. A configuration that runs out of
+memory is reported as a row with ``"status": "oom"``, not as a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "cpus": str(os.cpu_count())}
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name(0)
+        out["cuda"] = str(torch.version.cuda)
+    else:
+        out["device"] = "cpu"
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Times one head configuration in this process; returns its JSON row."""
+    import torch
+
+    from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg
+    from offloadfr.heads import HeadDeps, build_head
+    from offloadfr.losses import build_margin
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, tier = spec["head"].partition(":")
+    n, b, d = spec["num_classes"], spec["batch_size"], spec["dim"]
+    tmp = tempfile.mkdtemp(prefix="offloadfr-bench-", dir=spec.get("bank_dir") or None)
+    head_cfg = HeadCfg(kind=kind, sample_rate=spec["sample_rate"])
+    cache_cfg = CacheCfg(num_slots=spec["num_slots"] if kind == "partial_fc" else 0)
+    deps = HeadDeps(margin=build_margin(LossCfg(kind="arcface")).to(device), num_classes=n, dim=d, device=device,
+                    bank=BankCfg(tier=tier or "ram"), cache=cache_cfg, bank_path=Path(tmp) / "bank")
+    gen = torch.Generator().manual_seed(0)
+    total = spec["warmup"] + spec["steps"]
+    labels = [torch.randint(0, n, (b,), generator=gen) for _ in range(total + cache_cfg.lookahead + 1)]
+    head = build_head(head_cfg, deps)
+    emb = torch.randn(b, d, device=device)
+    lookahead = cache_cfg.lookahead
+    for i in range(min(lookahead, len(labels))):
+        head.plan(labels[i])
+    times, moved = [], {"bank/rows_read": 0.0, "bank/rows_written": 0.0, "bank/bytes_read": 0.0,
+                        "bank/bytes_written": 0.0}
+    stall = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(total):
+        if step + lookahead < len(labels):
+            head.plan(labels[step + lookahead])
+        e = emb.clone().requires_grad_(True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = head(e, labels[step].to(device))
+        loss.backward()
+        head.update(0.1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        m = head.metrics()
+        if step >= spec["warmup"]:
+            times.append(dt * 1e3)
+            for k in moved:
+                moved[k] += float(m.get(k, 0.0))
+            if "prefetch/stall(%)" in m:
+                stall.append(float(m["prefetch/stall(%)"]))
+    head.close()
+    steps = max(1, len(times))
+    row: dict[str, Any] = {
+        "bench": "head", "status": "ok", **spec,
+        "step_ms_p50": _percentile(times, 0.5), "step_ms_p90": _percentile(times, 0.9),
+        "peak_host_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        **{f"{k}_per_step": v / steps for k, v in moved.items()},
+    }
+    if stall:
+        row["prefetch_stall_pct"] = sum(stall) / len(stall)
+    if device.type == "cuda":
+        row["peak_device_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["peak_device_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return row
+
+
+def _cmd_head(args: argparse.Namespace) -> int:
+    env = _versions()
+    for n in args.num_classes:
+        for head in args.heads:
+            steps = args.steps if n < args.big else max(3, args.steps // 5)
+            spec = {"head": head, "num_classes": n, "batch_size": args.batch_size, "dim": args.dim,
+                    "sample_rate": args.sample_rate, "num_slots": args.num_slots, "warmup": args.warmup,
+                    "steps": steps, "bank_dir": args.bank_dir}
+            proc = subprocess.run([sys.executable, __file__, "_head_one", json.dumps(spec)], capture_output=True,
+                                  text=True)
+            if proc.returncode == 0:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            else:
+                oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+                row = {"bench": "head", "status": "oom" if oom else "error", **spec,
+                       "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else str(proc.returncode)}
+            row["env"] = env
+            _emit(row, args.out)
+    return 0
+
+
+def _emit(row: dict[str, Any], out: str | None) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(line + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_head_one":
+        print(json.dumps(_head_one(json.loads(argv[1]))))
+        return 0
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("head", help="head step time and memory over num_classes")
+    p.add_argument("--num-classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--heads", nargs="+", default=["fc", "pfc_dense", "partial_fc:ram", "partial_fc:nvme"],
+                   help="head kinds; partial_fc takes a tier after a colon")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--sample-rate", type=float, default=0.1)
+    p.add_argument("--num-slots", type=int, default=65_536, help="partial_fc: DCC slots")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--big", type=int, default=500_000, help="from this many classes on, time steps/5 steps")
+    p.add_argument("--bank-dir", default="", help="where partial_fc banks are created (an NVMe path for nvme)")
+    p.add_argument("--out", help="append the JSON rows to this file")
+    p.set_defaults(func=_cmd_head)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Typed run configuration: one frozen dataclass per component, loaded from TOML with dotted overrides.
+
+A run config file (``ds_configs/runs/*.toml``) lists only what differs from the defaults below (STYLE R5)::
+
+    [run]
+    name = "synth_tiny"
+
+    [train]
+    batch_size = 128
+
+Overrides use the same dotted keys: ``--set train.batch_size=64 --set run.name=try2``. Every key, type and range is
+checked; a mistake raises :class:`~offloadfr.errors.ConfigError` with one line naming the key, the bad value and
+what is allowed. The resolved config is saved with every run and checkpoint (``to_toml``) and can be read back
+(``config_from_dict``). Each component takes only its own section (``ZarrBank.open(cfg.bank)``, never the whole
+``Config``; STYLE R4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from offloadfr.errors import ConfigError
+
+__all__ = [
+    "RunCfg",
+    "DataCfg",
+    "SynthCfg",
+    "ModelCfg",
+    "HeadCfg",
+    "LossCfg",
+    "TrainCfg",
+    "EngineCfg",
+    "BankCfg",
+    "CacheCfg",
+    "EvalCfg",
+    "Config",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "to_toml",
+]
+
+
+def _field(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None) -> Any:
+    """A dataclass field with an allowed range checked by the loader."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata=bounds)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunCfg:
+    """[run]: naming, seeding and placement of a run."""
+
+    name: str = "synth_tiny"
+    """Run name; outputs go to ``<output_dir>/<name>/`` (config, metrics, checkpoints, eval)."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = _field(0, ge=0)
+    """Seed of model init, data order and augmentation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses a GPU when one is present, else the CPU."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataCfg:
+    """[data]: where the training shards are and how they are read."""
+
+    path: str = "data/synth_tiny"
+    """Dataset directory with ``shards/*.tar``, ``index.json`` and (optionally) ``pairs.bin``."""
+    generate_if_missing: bool = True
+    """Generate the synthetic dataset described by [synth] when ``path`` has no ``index.json``."""
+    num_workers: int = _field(2, ge=0)
+    """DataLoader worker processes (0 reads in the training process)."""
+    shuffle_buffer: int = _field(4096, ge=1)
+    """Samples held in the shuffle buffer of each reader."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SynthCfg:
+    """[synth]: the embedded synthetic face dataset (also the options of ``offloadfr synth``)."""
+
+    num_identities: int = _field(2000, ge=2)
+    """Training identities (ids ``0 .. num_identities-1``)."""
+    num_holdout: int = _field(300, ge=2)
+    """Held-out identities, used only for the verification pairs."""
+    image_size: int = _field(32, ge=8, le=512)
+    """Side of the square images written, in pixels."""
+    seed: int = _field(0, ge=0)
+    """Same seed, byte-identical dataset."""
+    min_images: int = _field(4, ge=2)
+    """Fewest images of a training identity."""
+    max_images: int = _field(60, ge=2)
+    """Most images of a training identity."""
+    mean_images: float = _field(20.0, gt=0)
+    """Mean images per training identity (long-tailed between min and max)."""
+    num_pairs: int = _field(3000, ge=20)
+    """Verification pairs in ``pairs.bin`` (half same identity, half different)."""
+    samples_per_shard: int = _field(2000, ge=1)
+    """Samples per tar shard (a shard never splits an identity, so shards may hold a few more)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelCfg:
+    """[model]: the backbone."""
+
+    backbone: str = "tiny"
+    """Registered backbone name: ``tiny``, ``iresnet18``, ``iresnet50``, ``iresnet100``, ``mobilefacenet``."""
+    embedding_size: int = _field(512, ge=2)
+    """Width D of the embedding (and of every class center)."""
+    image_size: int = _field(112, ge=8, le=512)
+    """Input side in pixels; images are resized to it when the dataset differs."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HeadCfg:
+    """[head]: the classifier over identities."""
+
+    kind: Literal["fc", "partial_fc", "pfc_dense"] = "fc"
+    """``fc``: all class centers on the device (small N only); ``partial_fc``: centers in the bank ([bank]), K of
+    them resident in the device container ([cache]); ``pfc_dense``: arcface_torch's PartialFC_V2 on the device
+    (dense weight and momentum, negatives resampled every step; a baseline)."""
+    sample_rate: float = _field(1.0, gt=0, le=1)
+    """Partial FC heads: fraction of the classes in each step's softmax (the batch's positives are always in)."""
+    momentum: float = _field(0.9, ge=0, lt=1)
+    """SGD momentum of the class centers."""
+    weight_decay: float = _field(5e-4, ge=0)
+    """Weight decay of the class centers, applied only to rows that received a gradient."""
+    lr_scale: float = _field(1.0, gt=0)
+    """Head learning rate = ``lr_scale`` × the scheduled backbone learning rate."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LossCfg:
+    """[loss]: the margin applied to the cosine logits, then softmax cross-entropy."""
+
+    kind: Literal["arcface", "cosface", "combined"] = "arcface"
+    """Margin: ``arcface`` s·cos(θ+m), ``cosface`` s·(cosθ−m), ``combined`` s·(cos(m1·θ+m2)−m3)."""
+    s: float = _field(64.0, gt=0)
+    """Logit scale."""
+    arcface_m: float = 0.5
+    """Additive angular margin of ``arcface`` (radians, in [0, π/2))."""
+    cosface_m: float = 0.4
+    """Additive cosine margin of ``cosface`` (in [0, 1))."""
+    combined_m: tuple[float, float, float] = (1.0, 0.3, 0.2)
+    """(m1, m2, m3) of ``combined``."""
+    arcface_grad: Literal["analytic", "straight_through"] = "analytic"
+    """``analytic``: true derivative of cos(θ+m); ``straight_through``: arcface_torch's (margin in the forward only)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainCfg:
+    """[train]: optimisation of the backbone (and the schedule the head follows)."""
+
+    batch_size: int = _field(128, ge=1)
+    """Images per step per process."""
+    epochs: int = _field(20, ge=1)
+    """Passes over the training set."""
+    max_steps: int = _field(0, ge=0)
+    """Stop after this many steps (0: no limit besides ``epochs``)."""
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    """Backbone optimizer."""
+    lr: float = _field(0.1, gt=0)
+    """Peak learning rate."""
+    momentum: float = _field(0.9, ge=0, lt=1)
+    """SGD momentum of the backbone."""
+    weight_decay: float = _field(5e-4, ge=0)
+    """Backbone weight decay."""
+    scheduler: Literal["poly", "cosine", "constant"] = "poly"
+    """``poly``: linear warmup then linear decay to 0 (arcface_torch); ``cosine``; ``constant``."""
+    warmup_steps: int = _field(0, ge=0)
+    """Linear warmup steps from 0 to ``lr``."""
+    grad_clip: float = _field(5.0, ge=0)
+    """Clip the backbone gradient norm to this (0: off)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on a GPU, fp32 on the CPU."""
+    log_every: int = _field(20, ge=1)
+    """Steps between metric lines."""
+    checkpoint_every: int = _field(0, ge=0)
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = _field(2, ge=1)
+    """Newest checkpoints kept on disk."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineCfg:
+    """[engine]: what trains the backbone."""
+
+    kind: Literal["plain"] = "plain"
+    """``plain``: a PyTorch optimizer in this process."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BankCfg:
+    """[bank]: the class-center bank that holds every identity's rows off the device."""
+
+    tier: Literal["ram", "nvme"] = "ram"
+    """``ram``: whole bank in host memory, flushed to Zarr at checkpoints; ``nvme``: served block by block."""
+    path: str = ""
+    """Zarr group directory; empty means ``<run dir>/bank``."""
+    chunk_rows: int = _field(0, ge=0)
+    """Rows per Zarr chunk (a block); 0 picks about 2 MiB per chunk."""
+    init_std: float = _field(0.01, gt=0)
+    """Standard deviation of the deterministic N(0, std) initial rows."""
+    seed: int = _field(0, ge=0)
+    """Seed of the per-id initialiser."""
+    cache_blocks: int = _field(64, ge=1)
+    """nvme tier: blocks the RAM working set may hold."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheCfg:
+    """[cache]: the Dynamic Class Container on the device."""
+
+    num_slots: int = _field(0, ge=0)
+    """K, rows resident on the device; 0 means all classes."""
+    policy: Literal["lru", "fifo"] = "lru"
+    """Eviction policy."""
+    lookahead: int = _field(2, ge=1)
+    """L, batches the plan looks ahead."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalCfg:
+    """[eval]: verification on held-out pairs."""
+
+    pairs: tuple[str, ...] = ()
+    """Verification packs (InsightFace ``.bin``); empty means ``<data.path>/pairs.bin``."""
+    flip: bool = True
+    """Flip test: sum the embeddings of an image and its mirror."""
+    batch_size: int = _field(256, ge=1)
+    """Images per forward pass."""
+    at_end: bool = True
+    """Evaluate when training ends."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    """A whole run: one section per component."""
+
+    run: RunCfg = field(default_factory=RunCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    synth: SynthCfg = field(default_factory=SynthCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    head: HeadCfg = field(default_factory=HeadCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    engine: EngineCfg = field(default_factory=EngineCfg)
+    bank: BankCfg = field(default_factory=BankCfg)
+    cache: CacheCfg = field(default_factory=CacheCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading and checking
+
+
+def _suggest(name: str, known: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {prefix + close[0]!r}? " if close else ""
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Returns ``value`` converted to ``tp`` or raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key} = {value!r} has the wrong type: expected {_describe(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool) != isinstance(typing.get_args(tp)[0], bool):
+            raise ConfigError(f"{key} = {value!r} is not allowed: expected {_describe(tp)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise AssertionError(f"{key}: unsupported config type {tp}")
+
+
+def _check_range(key: str, value: Any, bounds: typing.Mapping[str, float]) -> None:
+    checks = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+              "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+    for name, bound in bounds.items():
+        ok, sym = checks[name]
+        if not ok(value, bound):
+            allowed = " and ".join(f"{checks[n][1]} {b}" for n, b in bounds.items())
+            raise ConfigError(f"{key} = {value!r} is out of range: must be {allowed}")
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in fields:
+            known = list(fields)
+            raise ConfigError(f"unknown config key {key!r}; {_suggest(name, known, section + '.')}keys in [{section}]: "
+                              + ", ".join(known))
+        coerced = _coerce(key, value, hints[name])
+        _check_range(key, coerced, fields[name].metadata)
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Builds a :class:`Config` from nested ``{section: {key: value}}``, checking every key, type and range.
+
+    Raises:
+        ConfigError: an unknown section or key, a wrong type, or a value out of range.
+    """
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    built = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section [{section}]; {_suggest(section, list(sections))}"
+                              f"sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
+        built[section] = _build_section(hints[section], section, values)
+    cfg = Config(**built)
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def _check_cross_fields(cfg: Config) -> None:
+    s = cfg.synth
+    if s.min_images > s.max_images:
+        raise ConfigError(f"synth.min_images = {s.min_images} exceeds synth.max_images = {s.max_images}; "
+                          "lower min_images or raise max_images")
+    if not s.min_images <= s.mean_images <= s.max_images:
+        raise ConfigError(f"synth.mean_images = {s.mean_images} must lie between synth.min_images = {s.min_images} "
+                          f"and synth.max_images = {s.max_images}")
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The nested ``{section: {key: value}}`` form of ``cfg`` (tuples become lists), the inverse of
+    :func:`config_from_dict`."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {f.name: {k.name: plain(getattr(getattr(cfg, f.name), k.name))
+                     for k in dataclasses.fields(getattr(cfg, f.name))}
+            for f in dataclasses.fields(cfg)}
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML text (what ``--print-config`` prints and every run saves)."""
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``64``, ``0.1``, ``true``, ``"x"``, ``[1, 2]``), or the raw text when it is not valid TOML."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of nested ``data`` with ``section.key=value`` overrides applied.
+
+    Raises:
+        ConfigError: an override is not of the form ``section.key=value``.
+    """
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name or "." in name:
+            raise ConfigError(f"--set {item!r} is malformed: write section.key=value, e.g. --set train.batch_size=64")
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {out[section]!r}")
+        out[section][name] = _parse_value(text.strip())
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Loads a run config: defaults, then the TOML file at ``path`` (if any), then ``overrides``.
+
+    Args:
+        path: a run TOML such as ``ds_configs/runs/synth_tiny.toml``; None for the defaults alone.
+        overrides: ``section.key=value`` strings, applied in order after the file.
+
+    Returns:
+        The checked, frozen :class:`Config`.
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML, or any key, type or range is wrong.
+
+    Example::
+
+        cfg = load_config("ds_configs/runs/synth_tiny.toml", ["train.batch_size=64"])
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a file from ds_configs/runs/")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    return config_from_dict(apply_overrides(data, overrides or []))
+

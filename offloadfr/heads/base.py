@@ -1,0 +1,107 @@
+"""The Head protocol shared by every classifier head (fc, partial_fc, dcp, attfc, vfc).
+
+A head turns embeddings and labels into a loss, and owns the per-identity state it trains (class centers and their
+momentum). The trainer drives every head the same way, once per step::
+
+    head.plan(labels_B)             # once per batch, in order, up to cache.lookahead batches before it is used
+    loss = head(emb_BD, labels_B)   # logits, margin, cross-entropy
+    engine.backward(loss)           # gradients reach the backbone and the head's rows
+    head.update(lr)                 # the head's own optimizer step on the rows that received a gradient
+
+The backbone optimizer (the engine) never sees head rows, so a head can keep them anywhere (device, bank, DCC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from offloadfr.config import BankCfg, CacheCfg, HeadCfg
+from offloadfr.losses import Margin
+from offloadfr.registry import Registry
+
+__all__ = ["Head", "HeadDeps", "HEADS", "register_head", "build_head", "sgd_rows_"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadDeps:
+    """What a head is built from besides its own config.
+
+    Attributes:
+        margin: the margin applied to cosine logits (from ``loss``).
+        num_classes: N, identities of the training set.
+        dim: D, the embedding width.
+        device: where the head computes.
+        bank: the bank config (heads that keep rows off the device).
+        cache: the DCC config (heads with a Dynamic Class Container).
+        bank_path: the resolved Zarr directory of the bank.
+    """
+
+    margin: Margin
+    num_classes: int
+    dim: int
+    device: torch.device
+    bank: BankCfg
+    cache: CacheCfg
+    bank_path: Path
+
+
+class Head(nn.Module):
+    """Base class of classifier heads; see the module docstring for the per-step protocol."""
+
+    def plan(self, labels_B: torch.Tensor) -> None:
+        """Announces the labels (global ids, CPU int64) of a coming batch.
+
+        The trainer calls it once for every batch, in the order the batches will reach ``forward``, up to
+        ``cache.lookahead`` batches ahead. Heads with off-device rows start fetching them here. Default: nothing.
+        """
+
+    def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Returns the scalar training loss of embeddings ``emb_BD`` with global class ids ``labels_B``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update(self, lr: float) -> None:  # pragma: no cover - abstract
+        """Applies the head's optimizer to the rows that received a gradient, then clears their gradients."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Per-step metrics of the head (bank traffic, stall, cache hits); empty by default."""
+        return {}
+
+    def flush(self, step: int) -> None:
+        """Persists off-device state for a checkpoint at ``step``. Default: everything is in ``state_dict``."""
+
+    def close(self) -> None:
+        """Stops threads and closes files."""
+
+
+HEADS: Registry = Registry("head.kind")
+register_head = HEADS.register
+
+
+def build_head(cfg: HeadCfg, deps: HeadDeps) -> Head:
+    """Builds the head named by ``cfg.kind``.
+
+    Raises:
+        ConfigError: ``head.kind`` is not registered.
+    """
+    head = HEADS.get(cfg.kind)(cfg, deps)
+    assert isinstance(head, Head)
+    return head
+
+
+@torch.no_grad()
+def sgd_rows_(w_KD: torch.Tensor, grad_KD: torch.Tensor, mom_KD: torch.Tensor, *, lr: float, momentum: float,
+              weight_decay: float) -> None:
+    """SGD with momentum and weight decay on the rows given, in place (torch.optim.SGD semantics, dampening 0).
+
+    Only the rows passed in move: rows that received no gradient keep their value and momentum ("sparse momentum",
+    as PFC v1, PLSC and TorchRec do). arcface_torch PartialFC_V2 instead decays and moves every row every step.
+    """
+    d_KD = grad_KD.add(w_KD, alpha=weight_decay) if weight_decay else grad_KD
+    mom_KD.mul_(momentum).add_(d_KD)
+    w_KD.sub_(mom_KD, alpha=lr)

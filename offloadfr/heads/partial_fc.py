@@ -1,0 +1,184 @@
+"""``partial_fc``: Partial FC made offloadable. All N centers (and their momentum) live in a Zarr bank off the device;
+K of them are resident in a Dynamic Class Container (DCC) on the device; a prefetcher streams rows between the two.
+
+Legend: B = batch, D = embedding width, N = num_classes, K = num_slots, A = active slots of a step.
+
+Per step (DESIGN §5):
+
+1. ``plan(labels_B)`` (called ``cache.lookahead`` batches ahead) submits the ids the step will need: the batch's
+   positives plus a rotating quota of negatives, the next ids of a per-epoch random permutation (tier ``ram``) or of
+   a random order of whole blocks (tier ``nvme``, so bank reads stay sequential). Every id passes through the DCC
+   once per pass of that stream. The quota is ``K // (L + 1) - (positives)``, since the plans of the L + 1 queued
+   steps must fit in K together. When K ≥ N the first plan takes every id, so all rows are resident from step 0.
+2. ``forward`` waits for the step's rows (``prefetch/stall(%)``), then computes logits against every used slot
+   (``sample_rate = 1``), or against the positives plus a random subset of the other used slots.
+3. ``update(lr)`` applies SGD with momentum and weight decay to the active rows only — the rows that received a
+   gradient ("sparse momentum", as PFC v1, PLSC and TorchRec do). arcface_torch PartialFC_V2 (``pfc_dense``) instead
+   decays and moves every one of its N rows every step, including rows that were not sampled.
+
+With K ≥ N and ``sample_rate = 1`` this head computes exactly what ``fc`` computes (tests/test_partial_fc.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from offloadfr.bank.zarr_bank import open_bank
+from offloadfr.cache import DynamicClassContainer, Prefetcher
+from offloadfr.config import HeadCfg
+from offloadfr.heads.base import Head, HeadDeps, register_head, sgd_rows_
+from offloadfr.losses import margin_cross_entropy
+
+__all__ = ["PartialFCHead"]
+
+_ARRAYS = ("centers", "momentum")
+
+
+class _NegativeStream:
+    """An endless stream of ids: a random permutation of all ids per pass (of whole blocks when ``block_rows > 1``)."""
+
+    def __init__(self, num_classes: int, block_rows: int, seed: int) -> None:
+        self.num_classes = num_classes
+        self.block_rows = max(1, block_rows)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.buffer = torch.empty(0, dtype=torch.int64)
+        self.passes = 0
+
+    def _refill(self) -> None:
+        num_blocks = -(-self.num_classes // self.block_rows)
+        order = torch.randperm(num_blocks, generator=self.gen)
+        ids = (order[:, None] * self.block_rows + torch.arange(self.block_rows)[None, :]).reshape(-1)
+        self.buffer = torch.cat([self.buffer, ids[ids < self.num_classes]])
+        self.passes += 1
+
+    def take(self, n: int) -> torch.Tensor:
+        while self.buffer.numel() < n:
+            self._refill()
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "buffer": self.buffer.clone(), "passes": self.passes}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.buffer, self.passes = state["buffer"], state["passes"]
+
+
+@register_head("partial_fc")
+class PartialFCHead(Head):
+    """Partial FC over a Zarr bank and a device DCC (see the module docstring).
+
+    Args:
+        cfg: the ``[head]`` section (sample_rate, momentum, weight decay, lr scale).
+        deps: margin, sizes, device, the ``[bank]`` and ``[cache]`` configs and the bank's path.
+
+    Example::
+
+        head = PartialFCHead(HeadCfg(kind="partial_fc"), deps)
+        head.plan(labels_B)                 # L batches ahead, by the trainer
+        loss = head(emb_BD, labels_B); loss.backward(); head.update(lr)
+        head.flush(step)                    # at a checkpoint: the bank then holds every row as of ``step``
+    """
+
+    def __init__(self, cfg: HeadCfg, deps: HeadDeps) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.margin = deps.margin
+        self.num_classes = deps.num_classes
+        self.lookahead = deps.cache.lookahead
+        self.bank = open_bank(deps.bank, path=str(deps.bank_path), num_classes=deps.num_classes, dim=deps.dim,
+                              arrays=_ARRAYS, head_kind="partial_fc")
+        num_slots = min(deps.cache.num_slots or deps.num_classes, deps.num_classes)
+        self.dcc = DynamicClassContainer(num_slots, deps.dim, arrays=_ARRAYS, device=deps.device,
+                                         policy=deps.cache.policy)
+        self.prefetcher = Prefetcher(self.bank, self.dcc, arrays=_ARRAYS, device=deps.device)
+        block_rows = self.bank.chunk_rows if deps.bank.tier == "nvme" else 1
+        self.negatives = _NegativeStream(deps.num_classes, block_rows, seed=deps.bank.seed)
+        self.all_resident = num_slots >= deps.num_classes
+        self.num_planned = 0
+        self.num_steps = 0
+        self._active_slots: torch.Tensor | None = None
+        self._w_AD: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------ the plan
+    def plan(self, labels_B: torch.Tensor) -> None:
+        """Submits the positives of a coming batch plus this step's quota of negatives to the prefetcher."""
+        positives = torch.unique(labels_B.detach().cpu().to(torch.int64))
+        if self.all_resident:
+            quota = self.num_classes if self.num_planned == 0 else 0
+            ids = torch.arange(self.num_classes) if quota else positives
+        else:
+            quota = max(0, self.dcc.num_slots // (self.lookahead + 1) - positives.numel())
+            ids = torch.cat([positives, self.negatives.take(quota)])
+        self.prefetcher.submit(ids, self.num_planned)
+        self.num_planned += 1
+
+    # --------------------------------------------------------------------------------------------- the step
+    def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+        if self.num_planned == self.num_steps:  # called without the trainer's lookahead (tests, benchmarks)
+            self.plan(labels_B)
+        self.prefetcher.ready(self.num_steps)
+        pos_slots_B = self.dcc.slots_of(labels_B)
+        used_K = self.dcc.valid_K
+        if self.cfg.sample_rate >= 1.0:
+            active_A = torch.nonzero(used_K).reshape(-1)
+        else:
+            active_A = self._sample(pos_slots_B, used_K)
+        # position of each positive in active_A (active_A is sorted, and contains every positive)
+        target_B = torch.searchsorted(active_A, pos_slots_B)
+        w_AD = self.dcc["centers"].index_select(0, active_A).requires_grad_(True)
+        self._active_slots, self._w_AD = active_A, w_AD
+        cos_BA = F.normalize(emb_BD.float(), dim=1) @ F.normalize(w_AD, dim=1).t()
+        return margin_cross_entropy(self.margin(cos_BA, target_B), target_B)
+
+    def _sample(self, pos_slots_B: torch.Tensor, used_K: torch.Tensor) -> torch.Tensor:
+        """Sorted slots: every positive plus random other used slots, ``sample_rate`` × used slots in all."""
+        num_used = int(used_K.sum())
+        num_active = max(int(self.cfg.sample_rate * num_used), int(torch.unique(pos_slots_B).numel()))
+        score_K = torch.rand(used_K.shape[0], device=used_K.device)
+        score_K[~used_K] = -1.0
+        score_K[pos_slots_B] = 2.0
+        return torch.sort(torch.topk(score_K, k=num_active).indices).values
+
+    @torch.no_grad()
+    def update(self, lr: float) -> None:
+        """Sparse-momentum SGD on the active rows (those that were in the softmax)."""
+        if self._w_AD is None:
+            return
+        slots_A = self._active_slots
+        if self._w_AD.grad is not None:
+            w_AD = self.dcc["centers"].index_select(0, slots_A)
+            m_AD = self.dcc["momentum"].index_select(0, slots_A)
+            sgd_rows_(w_AD, self._w_AD.grad, m_AD, lr=lr * self.cfg.lr_scale, momentum=self.cfg.momentum,
+                      weight_decay=self.cfg.weight_decay)
+            self.dcc["centers"].index_copy_(0, slots_A, w_AD)
+            self.dcc["momentum"].index_copy_(0, slots_A, m_AD)
+        self._active_slots, self._w_AD = None, None
+        self.num_steps += 1
+
+    # ---------------------------------------------------------------------------------- state and metrics
+    def metrics(self) -> dict[str, float]:
+        return {**self.prefetcher.metrics(), "cache/used_slots": float(self.dcc.num_used)}
+
+    def flush(self, step: int) -> None:
+        """Writes every resident row back and makes the bank durable at ``step`` (its recorded step)."""
+        self.prefetcher.write_back_all()
+        self.bank.flush(step)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"negatives": self.negatives.state(), "num_steps": self.num_steps, "bank_step": self.bank.step}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.negatives.load(state["negatives"])
+
+    def close(self) -> None:
+        self.prefetcher.close()
+        self.bank.close()
+
+    def __repr__(self) -> str:
+        return (f"PartialFCHead(num_classes={self.num_classes}, num_slots={self.dcc.num_slots}, "
+                f"tier={self.bank.tier}, sample_rate={self.cfg.sample_rate})")

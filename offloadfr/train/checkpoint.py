@@ -1,0 +1,89 @@
+"""Checkpoints: ``<run dir>/checkpoints/step_XXXXXXXX/`` written into a temporary directory and renamed when whole.
+
+A checkpoint directory holds ``state.pt`` (engine, head, step, epoch, RNG states) and ``config.toml`` (the resolved
+run config, so ``offloadfr eval`` can rebuild the backbone). A directory that is not named ``step_*`` is never
+complete, so a crash mid-write leaves the previous checkpoint as the newest one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offloadfr.config import Config, config_from_dict, to_toml
+from offloadfr.errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "load_checkpoint_config"]
+
+_PREFIX = "step_"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: Config, *, keep: int) -> Path:
+    """Writes ``state`` and the config atomically, then deletes all but the newest ``keep`` checkpoints.
+
+    Returns:
+        The directory of the new checkpoint.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.toml").write_text(to_toml(cfg))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir() and not (p / "state.pt").exists() and (p / "checkpoints").is_dir():
+        found = list_checkpoints(p)  # a run directory: take its newest checkpoint
+        if not found:
+            raise CheckpointError(f"run directory {str(p)!r} has no complete checkpoint")
+        p = found[-1]
+    if not (p / "state.pt").is_file():
+        raise CheckpointError(f"{str(p)!r} is not a checkpoint (no state.pt); pass runs/<name>/checkpoints/step_N "
+                              "or a run directory")
+    return p
+
+
+def load_checkpoint_config(path: str | Path) -> Config:
+    """The resolved config saved with a checkpoint (or with the newest checkpoint of a run directory)."""
+    import tomllib
+
+    p = _resolve(path)
+    return config_from_dict(tomllib.loads((p / "config.toml").read_text()))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
+    """Loads ``state.pt`` of a checkpoint (or of the newest checkpoint of a run directory).
+
+    Returns:
+        The state dict and the checkpoint directory it came from.
+
+    Raises:
+        CheckpointError: ``path`` is neither a checkpoint nor a run directory with one.
+    """
+    p = _resolve(path)
+    return torch.load(p / "state.pt", map_location=map_location, weights_only=False), p

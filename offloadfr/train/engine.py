@@ -1,0 +1,112 @@
+"""Engines train the backbone: forward, backward, clip and step. The head's rows are not theirs (heads/base.py).
+
+``PlainEngine`` is a PyTorch optimizer in this process. A DeepSpeed engine arrives behind the same methods, so the
+trainer never changes when ``engine.kind`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from offloadfr.config import TrainCfg
+
+__all__ = ["Engine", "PlainEngine", "resolve_precision"]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on a GPU and fp32 on the CPU; returns the autocast dtype (fp32 means no autocast)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class Engine(Protocol):
+    """What the trainer needs from whatever trains the backbone."""
+
+    model: nn.Module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings (B, D) of normalised images."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagates ``loss`` (also into head rows that require grad)."""
+        ...
+
+    def grad_norm(self) -> float:
+        """Clips the backbone gradients to ``train.grad_clip`` (if set) and returns their total norm before it."""
+        ...
+
+    def step(self, lr: float) -> None:
+        """Applies the optimizer with learning rate ``lr`` and clears the gradients."""
+        ...
+
+    def zero_grad(self) -> None:
+        """Drops the gradients without stepping (a skipped step)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model and optimizer state for a checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what ``state_dict`` returned."""
+        ...
+
+
+class PlainEngine:
+    """A PyTorch optimizer (SGD or AdamW) in this process, with bf16 autocast where configured.
+
+    Args:
+        model: the backbone, already on ``device``.
+        cfg: the ``[train]`` section (optimizer, momentum, weight decay, clipping, precision).
+        device: where the model runs.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainCfg, device: torch.device) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.autocast_dtype = resolve_precision(cfg.precision, device)
+        params = list(model.parameters())
+        if cfg.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model(images)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def grad_norm(self) -> float:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        return float(nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

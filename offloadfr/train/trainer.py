@@ -1,0 +1,265 @@
+"""The training loop: data → backbone (engine) → head → loss → backward → engine step and head update.
+
+One step, as DESIGN §1 draws it::
+
+    images_u8, labels_B = next(loader)           # identity-grouped shards, drop_last
+    head.plan(labels of the next batches)         # bank-backed heads prefetch rows
+    emb_BD = engine.forward(normalise(images))
+    loss = head(emb_BD, labels_B)
+    engine.backward(loss)                         # reaches backbone and head rows
+    guard: loss and gradient norm finite, else stop before any update
+    engine.step(lr); head.update(lr)
+
+Outputs in ``<run.output_dir>/<run.name>/``: ``config.toml`` (resolved config), ``metrics.jsonl``, ``checkpoints/``,
+``eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offloadfr.config import Config, to_toml
+from offloadfr.data.loader import build_train_loader
+from offloadfr.data.shards import read_index
+from offloadfr.data.synth import generate_synthetic
+from offloadfr.dist import DistEnv
+from offloadfr.errors import ConfigError, DataError, NonFiniteError
+from offloadfr.eval.verification import evaluate_pack
+from offloadfr.heads import HeadDeps, build_head
+from offloadfr.losses import build_margin
+from offloadfr.models import build_backbone
+from offloadfr.train.checkpoint import save_checkpoint
+from offloadfr.train.engine import PlainEngine
+from offloadfr.train.metrics import JsonlSink, Progress
+from offloadfr.train.schedulers import LRSchedule
+
+__all__ = ["train", "TrainResult", "run_dir_of", "ensure_dataset", "normalise_images"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        run_dir: the run directory.
+        steps: optimizer steps taken.
+        final_loss: mean loss over the last log interval.
+        images_per_second: mean training throughput.
+        checkpoint: directory of the final checkpoint.
+        eval: the verification result as written to ``eval.json`` (None when ``eval.at_end`` is false).
+    """
+
+    run_dir: Path
+    steps: int
+    final_loss: float
+    images_per_second: float
+    checkpoint: Path
+    eval: dict[str, Any] | None
+
+
+def run_dir_of(cfg: Config) -> Path:
+    """``<run.output_dir>/<run.name>``."""
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def normalise_images(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, S, S) → float (B, 3, S, S) in [-1, 1] on ``device`` (the arcface_torch normalisation)."""
+    return images_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+def ensure_dataset(cfg: Config, *, is_main: bool = True) -> Path:
+    """Returns the dataset directory, generating the synthetic dataset there first when it is missing and allowed.
+
+    Raises:
+        DataNotFoundError: the dataset is missing and ``data.generate_if_missing`` is false.
+    """
+    path = Path(cfg.data.path)
+    if not (path / "index.json").exists() and cfg.data.generate_if_missing and is_main:
+        print(f"offloadfr: generating the synthetic dataset in {path} ([synth] section)", file=sys.stderr)
+        generate_synthetic(path, cfg.synth)
+    read_index(path)  # raises a clear error when absent or malformed
+    return path
+
+
+def _epochs(loader_for: Callable[[int], Any], total_steps: int, num_classes: int) -> Iterator[tuple[int, Any]]:
+    """``(epoch, batch)`` across epochs, ``total_steps`` batches in all, each batch's labels checked."""
+    step, epoch = 0, 0
+    while True:
+        for batch in loader_for(epoch):
+            if step == total_steps:
+                return
+            _check_labels(batch[1], num_classes)
+            yield epoch, batch
+            step += 1
+        epoch += 1
+
+
+def _with_lookahead(batches: Iterator[tuple[int, Any]], depth: int,
+                    plan: Callable[[torch.Tensor], None]) -> Generator[tuple[int, Any], None, None]:
+    """Yields ``batches`` unchanged, but calls ``plan(labels_B)`` for each ``depth`` batches before yielding it.
+
+    This is how heads learn the ids of the coming batches (the plan) while the current one trains.
+    """
+    queue: deque[tuple[int, Any]] = deque()
+    for epoch, (images_u8, labels_B) in batches:
+        plan(labels_B)
+        queue.append((epoch, (images_u8, labels_B)))
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def _check_labels(labels_B: torch.Tensor, num_classes: int) -> None:
+    lo, hi = int(labels_B.min()), int(labels_B.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise DataError(f"label {bad} is outside [0, {num_classes}) of the dataset index; the shards and index.json "
+                        "disagree: re-convert the dataset")
+
+
+def train(cfg: Config) -> TrainResult:
+    """Trains the run described by ``cfg`` and evaluates it on the verification pairs.
+
+    Raises:
+        OffloadFRError: bad config, missing data, or a non-finite loss (the step is stopped before any update).
+    """
+    env = DistEnv.from_env(cfg.run.device)
+    if env.world_size > 1:
+        raise ConfigError(f"WORLD_SIZE = {env.world_size}: multi-process training is not available yet; "
+                          "launch one process (accelerate launch --num_processes 1 launch/train.py)")
+    torch.manual_seed(cfg.run.seed)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+
+    data_path = ensure_dataset(cfg, is_main=env.is_main)
+    index = read_index(data_path)
+    num_classes = index.num_classes
+
+    model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
+                           image_size=cfg.model.image_size).to(env.device)
+    engine = PlainEngine(model, cfg.train, env.device)
+    margin = build_margin(cfg.loss).to(env.device)
+    bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
+    head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
+                                         device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path))
+
+    def loader_for(epoch: int) -> Any:
+        return build_train_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
+                                  seed=cfg.run.seed, epoch=epoch, rank=env.rank, world_size=env.world_size)
+
+    steps_per_epoch = len(loader_for(0))
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} exceeds the {index.num_samples} samples of "
+                          f"{data_path}; lower the batch size")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    schedule = LRSchedule(cfg.train, total_steps)
+
+    sink = JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None
+    progress = Progress(total_steps, enabled=env.is_main)
+    step = 0
+    window_loss: deque[float] = deque(maxlen=cfg.train.log_every)
+    t_start = time.perf_counter()
+    t_log, data_time, images_since_log = t_start, 0.0, 0
+    batches = _with_lookahead(_epochs(loader_for, total_steps, num_classes), cfg.cache.lookahead, head.plan)
+    try:
+        while step < total_steps:
+            t_data = time.perf_counter()
+            epoch, (images_u8, labels_B) = next(batches)
+            data_time += time.perf_counter() - t_data
+            lr = schedule(step)
+            x = normalise_images(images_u8, env.device)
+            labels_dev = labels_B.to(env.device, non_blocking=True)
+            emb_BD = engine.forward(x)
+            loss = head(emb_BD, labels_dev)
+            engine.backward(loss)
+            grad_norm = engine.grad_norm()
+            loss_value = loss.detach().item()
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                raise NonFiniteError(f"step {step}: loss = {loss_value}, gradient norm = {grad_norm}; stopped "
+                                     "before the update. Lower train.lr or raise train.warmup_steps")
+            engine.step(lr)
+            head.update(lr)
+            step += 1
+            images_since_log += labels_B.numel() * env.world_size
+            window_loss.append(loss_value)
+            metrics = None
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                metrics = {
+                    "epoch": epoch,
+                    "loss": sum(window_loss) / len(window_loss),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "throughput(img/s)": images_since_log / (now - t_log),
+                    "time/data(%)": 100.0 * data_time / (now - t_log),
+                    **head.metrics(),
+                }
+                if env.device.type == "cuda":
+                    metrics["memory/max_reserved(GiB)"] = torch.cuda.max_memory_reserved(env.device) / 2**30
+                if sink is not None:
+                    sink.log(metrics, step)
+                t_log, data_time, images_since_log = now, 0.0, 0
+            progress.update(step, metrics)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                _checkpoint(run_dir, step, epoch, engine, head, cfg)
+    finally:
+        batches.close()
+        progress.close()
+        if sink is not None:
+            sink.close()
+    elapsed = time.perf_counter() - t_start
+    last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg)
+    head.close()
+
+    result_eval = None
+    if cfg.eval.at_end and env.is_main:
+        pairs = list(cfg.eval.pairs) or [str(data_path / "pairs.bin")]
+        result_eval = evaluate_run(engine.model, cfg, pairs, run_dir, step=step)
+    return TrainResult(run_dir=run_dir, steps=step, final_loss=sum(window_loss) / max(1, len(window_loss)),
+                       images_per_second=step * cfg.train.batch_size * env.world_size / elapsed,
+                       checkpoint=last_ckpt, eval=result_eval)
+
+
+def _checkpoint(run_dir: Path, step: int, epoch: int, engine: PlainEngine, head: Any, cfg: Config) -> Path:
+    head.flush(step)
+    state = {
+        "step": step,
+        "epoch": epoch,
+        "engine": engine.state_dict(),
+        "head": head.state_dict(),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+    return save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints)
+
+
+def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir: Path, *,
+                 step: int | None = None) -> dict[str, Any]:
+    """Evaluates ``model`` on each verification pack and writes ``<run_dir>/eval.json``.
+
+    Returns:
+        The object written: for one pack its result (``accuracy``, ``accuracy_std``, ``threshold``,
+        ``tar_at_far``, ``pairs``, ``step``); for several, ``{"packs": [one such object per pack]}``.
+    """
+    rows = []
+    for pack in pairs:
+        result = evaluate_pack(model, pack, image_size=cfg.model.image_size, batch_size=cfg.eval.batch_size,
+                               flip=cfg.eval.flip)
+        rows.append({**result.to_dict(), "pairs": str(pack), "step": step})
+    out = rows[0] if len(rows) == 1 else {"packs": rows}
+    (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out

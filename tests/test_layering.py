@@ -1,0 +1,67 @@
+"""The layer rules of DESIGN §3: lower layers never import higher ones; only train/ imports deepspeed/accelerate;
+only dist/ imports torch.distributed."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "offloadfr"
+
+LEVEL = {
+    "errors": 1, "config": 1, "registry": 1,
+    "models": 2, "losses": 2,
+    "bank": 3,
+    "dist": 4,
+    "cache": 5,
+    "heads": 6,
+    "data": 7, "eval": 7,
+    "train": 8,
+    "cli": 9,
+}
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def _component(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_no_upward_imports() -> None:
+    """Catches e.g. a bank module importing heads, or a model importing train (R1)."""
+    problems = []
+    for path in PKG.rglob("*.py"):
+        comp = _component(path)
+        if comp not in LEVEL:
+            continue
+        for name in _imports(path):
+            parts = name.split(".")
+            if parts[0] != "offloadfr" or len(parts) < 2:
+                continue
+            target = parts[1]
+            if target in LEVEL and LEVEL[target] > LEVEL[comp]:
+                problems.append(f"{path.relative_to(PKG)} (L{LEVEL[comp]}) imports {name} (L{LEVEL[target]})")
+    assert not problems, "\n".join(problems)
+
+
+def test_heavy_dependencies_stay_in_their_layer() -> None:
+    """Catches deepspeed/accelerate imported outside train/, torch.distributed outside dist/ (and train/)."""
+    problems = []
+    for path in PKG.rglob("*.py"):
+        comp = _component(path)
+        for name in _imports(path):
+            root = name.split(".")[0]
+            if root in ("deepspeed", "accelerate") and comp != "train":
+                problems.append(f"{path.relative_to(PKG)} imports {name}")
+            if name.startswith("torch.distributed") and comp not in ("dist", "train"):
+                problems.append(f"{path.relative_to(PKG)} imports {name}")
+    assert not problems, "\n".join(problems)
