@@ -56,7 +56,9 @@ def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
     kind, _, tier = spec["head"].partition(":")
     n, b, d = spec["num_classes"], spec["batch_size"], spec["dim"]
     tmp = tempfile.mkdtemp(prefix="offloadfr-bench-", dir=spec.get("bank_dir") or None)
-    head_cfg = HeadCfg(kind=kind, sample_rate=spec["sample_rate"])
+    # pfc_dense samples sample_rate × N classes per step (arcface_torch); partial_fc puts all K resident slots in
+    # the softmax, so its logit width is K whatever N is.
+    head_cfg = HeadCfg(kind=kind, sample_rate=spec["sample_rate"] if kind == "pfc_dense" else 1.0)
     cache_cfg = CacheCfg(num_slots=spec["num_slots"] if kind == "partial_fc" else 0)
     deps = HeadDeps(margin=build_margin(LossCfg(kind="arcface")).to(device), num_classes=n, dim=d, device=device,
                     bank=BankCfg(tier=tier or "ram"), cache=cache_cfg, bank_path=Path(tmp) / "bank")
@@ -101,6 +103,8 @@ def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_host_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         **{f"{k}_per_step": v / steps for k, v in moved.items()},
     }
+    row["logit_columns"] = {"fc": n, "pfc_dense": max(1, int(spec["sample_rate"] * n))}.get(
+        kind, min(n, spec["num_slots"]))
     if stall:
         row["prefetch_stall_pct"] = sum(stall) / len(stall)
     if device.type == "cuda":
@@ -138,6 +142,23 @@ def _emit(row: dict[str, Any], out: str | None) -> None:
             fh.write(line + "\n")
 
 
+def _cmd_table(args: argparse.Namespace) -> int:
+    """Prints a markdown table of head rows from a JSONL file."""
+    rows = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
+    cols = ["head", "num_classes", "logit_columns", "status", "step_ms_p50", "step_ms_p90", "peak_device_GiB",
+            "peak_host_rss_GiB", "bank/rows_read_per_step", "bank/bytes_read_per_step", "bank/bytes_written_per_step",
+            "prefetch_stall_pct"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row.get(c, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_head_one":
@@ -151,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="head kinds; partial_fc takes a tier after a colon")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--sample-rate", type=float, default=0.1)
+    p.add_argument("--sample-rate", type=float, default=0.1, help="pfc_dense: sampled fraction of the N classes")
     p.add_argument("--num-slots", type=int, default=65_536, help="partial_fc: DCC slots")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
@@ -159,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank-dir", default="", help="where partial_fc banks are created (an NVMe path for nvme)")
     p.add_argument("--out", help="append the JSON rows to this file")
     p.set_defaults(func=_cmd_head)
+    p = sub.add_parser("table", help="markdown table of a results JSONL file")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_table)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

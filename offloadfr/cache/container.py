@@ -24,8 +24,8 @@ broken by the lower slot, and returns their ids and rows oldest first. ``admit``
 
 Conventions: ids are global class ids, slots are rows of this container (STYLE R12); arguments may live on any device,
 results live on the container's device. Ids and slots are int64. Every method belongs to one thread (the training
-loop); the prefetcher's worker thread never touches the container. Methods that must know a count on the host
-(``admit``, ``evict``, ``resident_ids``) synchronise with the device; ``slots_of``, ``touch`` and ``mask_free`` do not.
+loop); the prefetcher's worker thread never touches the container. ``admit`` and ``evict`` must know counts on the
+host and synchronise with the device; ``slots_of``, ``touch``, ``resident_ids`` and ``mask_free`` do not.
 """
 
 from __future__ import annotations
@@ -161,8 +161,10 @@ class DynamicClassContainer:
         if self.policy != "lru":
             return
         slots = slots.to(device=self.device, dtype=torch.int64).reshape(-1)
-        slots = slots[slots >= 0]
-        self._stamp_K.index_fill_(0, slots, self._clock)
+        # Every stamp is below the clock, so a max-scatter stamps the touched slots and leaves slot 0 alone for the
+        # -1 entries (mapped to 0 with value 0); unlike a boolean mask this needs no host sync.
+        stamps = torch.where(slots >= 0, self._clock, 0)
+        self._stamp_K.scatter_reduce_(0, slots.clamp(min=0), stamps, reduce="amax")
         self._clock += 1
 
     @torch.no_grad()

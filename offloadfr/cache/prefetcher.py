@@ -12,13 +12,15 @@ Threads. One worker thread does all bank I/O; the main thread owns the container
 container and the main thread never calls the bank (so a bank need not be thread-safe). They share, under one lock:
 the fetch queue (``(step, ids)`` jobs), the fetched results (rows per step, on the device), the write-behind queue of
 evicted rows (``_pending``), the traffic counters and the first error. The worker serves fetches before write-backs
-(fetches are on the critical path); write-backs run in FIFO order, so the bank ends with the newest value of a row.
+(fetches are on the critical path; a write-back already running delays a fetch by at most that one batch);
+write-backs run in FIFO order, so the bank ends with the newest value of a row.
 
 Invariants (why no row is ever stale):
 
 1. A resident row is the truth. Rows change only while resident (the head updates them in place).
 2. A submitted step's plan is *queued* until its ``ready``. Every id of every queued plan is protected from eviction,
-   so an id resident when its step was submitted is still resident at that step's ``ready``.
+   so an id resident when its step was submitted is still resident at that step's ``ready``. (The plan of step t + L
+   is submitted before step t's update; the resident rows it counts on are updated in place and stay resident.)
 3. ``submit`` fetches only the plan's ids that are neither resident nor *in flight* (being fetched for an earlier
    queued step). An in-flight id is admitted at the earlier step's ``ready`` and then protected by (2). So no id is
    fetched twice while it is queued, and an id is fetched only while it is not resident, i.e. its newest value is in
@@ -35,8 +37,8 @@ once their copies finished) and copied to the device on a side stream; ``ready``
 copy's event. Evicted rows are gathered on the current stream and copied to pinned buffers with ``non_blocking``; the
 worker waits on their event before using them. On CPU rows are plain tensors and there are no streams.
 
-Host syncs: ``submit`` (residency of the plan) and ``ready`` (free slots, evicted ids) synchronise with the device once
-each; the training loop calls them back to back, so they cost about one sync per step.
+Host syncs: ``submit`` (residency of the plan) and ``ready`` (free slots, evicted ids) synchronise with the device; the
+training loop calls them back to back at the step boundary, so they cost about one wait for the device per step.
 """
 
 from __future__ import annotations
