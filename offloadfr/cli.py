@@ -1,4 +1,4 @@
-"""The ``offloadfr`` command: ``synth``, ``train`` and ``eval``.
+"""The ``offloadfr`` command: ``synth``, ``convert``, ``train`` and ``eval``.
 
 Any :class:`~offloadfr.errors.OffloadFRError` (a bad config key, a missing dataset, ...) ends the command with one
 line on stderr and exit code 2, never a traceback.
@@ -85,6 +85,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from offloadfr.data.convert import convert_folder, convert_rec
+
+    common = {"samples_per_shard": args.samples_per_shard, "seed": args.seed, "check": args.check,
+              "num_workers": args.workers, "progress": not args.quiet}
+    t0 = time.perf_counter()
+    if args.format == "folder":
+        summary = convert_folder(args.root, args.out, image_size=args.image_size, **common)
+    else:
+        summary = convert_rec(args.path, args.out, layout=args.layout, label_dtype=args.label_dtype, **common)
+    print(f"{summary} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offloadfr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +130,32 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/step_N, or a run directory")
     p.add_argument("--pairs", nargs="+", help="verification packs (default: the run's eval.pairs or pairs.bin)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("convert", help="convert an image folder or an InsightFace RecordIO pack to shards")
+    formats = p.add_subparsers(dest="format", required=True)
+    sources = {"folder": ("root", "ROOT/<identity>/*.jpg|jpeg|png: one sub-folder of images per identity"),
+               "rec": ("path", "InsightFace pack: its directory (train.rec, train.idx, property) or its .rec")}
+    for name, (dest, what) in sources.items():
+        q = formats.add_parser(name, help=what)
+        q.add_argument(dest, metavar=dest.upper(), help=what)
+        q.add_argument("out", metavar="OUT", help="dataset directory to create (or an interrupted one to resume)")
+        q.add_argument("--samples-per-shard", dest="samples_per_shard", type=int, default=2000,
+                       help="target images per shard (shards hold whole identities)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the identity order")
+        q.add_argument("--check", choices=["decode", "header"], default="decode",
+                       help="decode: full decode catches truncated images (default); header: magic bytes only")
+        q.add_argument("--workers", type=int, default=0, help="processes writing shards in parallel")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "folder":
+            q.add_argument("--image-size", dest="image_size", type=int,
+                           help="image_size recorded in index.json (default: side of the first image)")
+        else:
+            q.add_argument("--layout", choices=["auto", "ranges", "labels"], default="auto",
+                           help="ranges: header record 0 + identity ranges (MS1M, Glint360K); labels: one label "
+                                "per record; auto: detect")
+            q.add_argument("--label-dtype", dest="label_dtype", choices=["float32", "float64"], default="float32",
+                           help="float type of the record labels (float64 for IdQQ packs)")
+        q.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -195,8 +195,10 @@ class TrainCfg:
 class EngineCfg:
     """[engine]: what trains the backbone."""
 
-    kind: Literal["plain"] = "plain"
-    """``plain``: a PyTorch optimizer in this process."""
+    kind: Literal["plain", "deepspeed"] = "plain"
+    """``plain``: a PyTorch optimizer in this process; ``deepspeed``: DeepSpeed, configured by ``deepspeed_config``."""
+    deepspeed_config: str = "ds_configs/deepspeed/zero2_offload_cpu.json"
+    """DeepSpeed JSON with DeepSpeed-only knobs (ZeRO stage, offload); batch size and clipping come from [train]."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -418,8 +420,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _read_run_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The nested dict of a run TOML, with the file named by its top-level ``inherit`` key merged underneath."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a file from ds_configs/runs/")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path)!r} inherits from itself through {[str(p) for p in seen]}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"inherit = {parent!r} in {str(path)!r} must be a file name, e.g. \"synth_tiny.toml\"")
+    merged = _read_run_file(path.parent / parent, (*seen, path.resolve()))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Loads a run config: defaults, then the TOML file at ``path`` (if any), then ``overrides``.
+
+    A run file may start with ``inherit = "other.toml"`` (a path relative to it): the other file is loaded first and
+    this one's keys override it, so a variant of a run lists only what it changes.
 
     Args:
         path: a run TOML such as ``ds_configs/runs/synth_tiny.toml``; None for the defaults alone.
@@ -435,14 +464,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
         cfg = load_config("ds_configs/runs/synth_tiny.toml", ["train.batch_size=64"])
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass a file from ds_configs/runs/")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    data = _read_run_file(Path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
-

@@ -9,6 +9,7 @@ from torch import nn
 
 from offloadfr.errors import ConfigError
 from offloadfr.models import build_backbone, list_backbones
+from offloadfr.models.iresnet import IBasicBlock
 
 from .conftest import DEVICE
 
@@ -46,20 +47,31 @@ def test_forward_shape_and_finite(name: str) -> None:
             assert torch.isfinite(emb).all(), (name, train)
 
 
-@pytest.mark.parametrize("name", [n for n in list_backbones() if n != "iresnet100"])
+@pytest.mark.parametrize("name", list_backbones())
 def test_gradients_reach_the_first_conv(name: str) -> None:
-    """Catches a detached or broken path (e.g. an in-place op, a frozen trunk) that stops gradients before the stem.
-
-    iresnet100 is left out only to keep the file fast; it is built from the same block as iresnet18/50."""
+    """Catches a detached or broken path (an in-place op on a saved tensor, a frozen trunk, a ``no_grad`` block) that
+    stops gradients before the stem. Runs at 32×32, where the big backbones are cheap; the layers are the same as at
+    112 and the 112 flatten is covered by the forward test."""
     torch.manual_seed(0)
-    model = build_backbone(name, embedding_size=D, image_size=112).to(DEVICE).train()
-    emb = model(_images(112))
-    # A loss that depends on the direction of each embedding, as the heads' (normalised) losses do.
+    model = build_backbone(name, embedding_size=D, image_size=32).to(DEVICE).train()
+    emb = model(_images(32))
+    # A loss on the direction of each embedding, as the heads' normalised losses are.
     target = torch.randn(B, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     loss = -nn.functional.cosine_similarity(emb, target).sum()
     loss.backward()
     grad = _first_conv(model).weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name,depths,millions", [("iresnet18", [2, 2, 2, 2], 24.0), ("iresnet50", [3, 4, 14, 3], 43.6),
+                                                   ("iresnet100", [3, 13, 30, 3], 65.2)])
+def test_iresnet_depths_and_size_match_arcface_torch(name: str, depths: list[int], millions: float) -> None:
+    """Catches a wrong stage depth or width, a missing shortcut projection, or a wrong flatten size: the block counts
+    and the parameter count (D = 512, S = 112) must match arcface_torch's r18/r50/r100 (24.0 M, 43.6 M, 65.2 M)."""
+    model = build_backbone(name, embedding_size=512, image_size=112)
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    assert [sum(isinstance(m, IBasicBlock) for m in stage.modules()) for stage in stages] == depths
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.05)
 
 
 @pytest.mark.parametrize("size", [8, 32, 48, 64, 112])

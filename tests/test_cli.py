@@ -49,3 +49,22 @@ def test_missing_dataset_without_generation_exits_2(tmp_path: Path) -> None:
                 "--set", f"run.output_dir={tmp_path / 'runs'}")
     assert proc.returncode == 2, proc.stderr
     assert "nothing" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_convert_folder_cli_and_missing_source(tmp_path: Path) -> None:
+    """Catches the convert subcommand not being wired, or a missing source turning into a traceback."""
+    from PIL import Image
+
+    for ident in ("alice", "bob"):
+        (tmp_path / "src" / ident).mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", (32, 32), (40 * k, 80, 120)).save(tmp_path / "src" / ident / f"{k}.jpg")
+    cmd = [sys.executable, "-m", "offloadfr.cli", "convert", "folder"]
+    ok = subprocess.run([*cmd, str(tmp_path / "src"), str(tmp_path / "out"), "--quiet"], capture_output=True,
+                        text=True, cwd=REPO, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "out" / "index.json").is_file()
+    bad = subprocess.run([*cmd, str(tmp_path / "nope"), str(tmp_path / "out2")], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and "nope" in bad.stderr.strip().splitlines()[-1]

@@ -87,3 +87,15 @@ def test_config_reference_is_up_to_date() -> None:
     proc = subprocess.run([sys.executable, str(REPO / "launch/config_docs.py"), "--check"], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_inherit_merges_parent_under_child(tmp_path: Path) -> None:
+    """Catches a variant run that loses its parent's settings, or a cycle that recurses forever."""
+    (tmp_path / "base.toml").write_text('[train]\nbatch_size = 32\nlr = 0.3\n[run]\nname = "base"\n')
+    (tmp_path / "child.toml").write_text('inherit = "base.toml"\n[train]\nlr = 0.05\n')
+    cfg = load_config(tmp_path / "child.toml")
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.run.name) == (32, 0.05, "base")
+    (tmp_path / "a.toml").write_text('inherit = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('inherit = "a.toml"\n')
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        load_config(tmp_path / "a.toml")

@@ -1,0 +1,303 @@
+"""The training loader: uniform-instance batches read from identity-grouped WebDataset shards.
+
+Each epoch, the shards are put in an order drawn from ``(seed, epoch)`` and their samples, so ordered, are treated as
+one virtual sequence. The first ``steps_per_epoch * batch_size * world_size`` of them are cut into one contiguous
+range per rank, and each rank's range into one contiguous range per DataLoader worker, a whole number of batches each
+(DESIGN §6). A reader (one worker of one rank) streams the tar members of its range sequentially, through a shuffle
+buffer that mixes the identity-grouped stream, then decodes, flips and batches in the worker.
+
+Why an explicit split rather than ``wds.split_by_node`` / ``split_by_worker`` on whole shards: shards hold whole
+identities, so their sizes differ, and a shard-level split would give ranks different sample counts, hence different
+step counts (a collective would hang) or ragged last batches. Here every rank yields exactly
+``steps_per_epoch = num_samples // (batch_size * world_size)`` full batches (drop_last semantics: up to
+``batch_size * world_size - 1`` samples, different ones each epoch, are left out), ranks and workers read disjoint
+samples, and the head never sees a ragged batch. Reading starts mid-shard at most once per reader, so I/O stays
+sequential. Tar parsing and the shuffle buffer are webdataset's (``tar_file_expander``, ``group_by_keys``,
+``shuffle``); the split is ours.
+
+Corrupt samples (an undecodable JPEG, a bad ``cls``, a truncated tar) are skipped, counted
+(``TrainLoader.num_skipped``) and logged, and their place in the batch is taken by a copy of the next good sample of
+the same reader (re-flipped), so the batch count stays exact. A reader whose samples are all unreadable raises
+:class:`~offloadfr.errors.DataError`.
+
+Batches are a function of ``(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer)`` and the
+dataset: the same values give the same batches, in the same order.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from offloadfr.config import DataCfg
+from offloadfr.data.shards import DatasetIndex, read_index
+from offloadfr.errors import ConfigError, DataError
+
+__all__ = ["build_train_loader", "TrainLoader"]
+
+_log = logging.getLogger(__name__)
+_MAX_WARNINGS = 5  # per reader; the count goes on in TrainLoader.num_skipped
+_STREAM_ORDER = 0x0D47A  # keeps the data-order stream apart from other users of (seed, epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """Samples ``[start, stop)`` (positions inside the shard) of one shard."""
+
+    path: str
+    start: int
+    stop: int
+
+
+def _plan_readers(index: DatasetIndex, *, batch_size: int, seed: int, epoch: int, world_size: int,
+                 num_workers: int) -> tuple[int, list[list[list[_Segment]]], list[list[int]]]:
+    """Splits one epoch of ``index`` into per-(rank, worker) shard segments.
+
+    Args:
+        index: the dataset.
+        batch_size: samples per batch on each rank.
+        seed: data-order seed.
+        epoch: epoch number (the shard order changes with it).
+        world_size: number of ranks.
+        num_workers: readers per rank (a value of 0 means one reader, in the main process).
+
+    Returns:
+        ``(steps_per_epoch, segments[rank][worker], batches[rank][worker])``: each reader's segments, in reading
+        order, and its number of batches; every rank's batches sum to ``steps_per_epoch``.
+    """
+    readers = max(1, num_workers)
+    steps = index.num_samples // (batch_size * world_size)
+    order = np.random.default_rng([seed, epoch, _STREAM_ORDER]).permutation(len(index.shards))
+    shards = [index.shards[i] for i in order]
+    starts = np.concatenate([[0], np.cumsum([s.num_samples for s in shards])])
+    segments: list[list[list[_Segment]]] = []
+    batches: list[list[int]] = []
+    for rank in range(world_size):
+        per_worker = [steps // readers + (1 if w < steps % readers else 0) for w in range(readers)]
+        pos = rank * steps * batch_size
+        rank_segments = []
+        for num_batches in per_worker:
+            lo, hi = pos, pos + num_batches * batch_size
+            pos = hi
+            segs = []
+            for k, shard in enumerate(shards):
+                a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
+                if a < b:
+                    segs.append(_Segment(str(shard.path), a - int(starts[k]), b - int(starts[k])))
+            rank_segments.append(segs)
+        segments.append(rank_segments)
+        batches.append(per_worker)
+    return steps, segments, batches
+
+
+def _read_segment(seg: _Segment) -> Iterator[dict[str, Any]]:
+    """Yields exactly ``seg.stop - seg.start`` samples; those the tar cannot deliver come as ``__bad__`` stubs."""
+    n = 0
+    error = ""
+    try:
+        with open(seg.path, "rb") as stream:
+            files = tar_file_expander([{"url": seg.path, "stream": stream}])
+            for sample in group_by_keys(files):
+                if n >= seg.stop:
+                    break
+                if n >= seg.start:
+                    yield sample
+                n += 1
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exn:  # truncated or garbled tar, vanished file
+        error = f"{type(exn).__name__}: {exn}"
+    for k in range(max(n, seg.start), seg.stop):
+        yield {"__key__": f"#{k}", "__url__": seg.path, "__bad__": error or "shard ended early"}
+
+
+def _decode(sample: dict[str, Any], image_size: int) -> tuple[np.ndarray, int]:
+    """JPEG bytes and ``cls`` of one sample -> (H, W, 3) uint8 at ``image_size`` and the label."""
+    if "__bad__" in sample:
+        raise DataError(sample["__bad__"])
+    label = int(sample["cls"].decode("ascii").strip())
+    with Image.open(io.BytesIO(sample["jpg"])) as im:
+        rgb = im.convert("RGB")
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8), label
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """One rank's epoch as an iterable of ``(images_u8 (B,3,S,S), labels (B,), num_bad)`` from each worker."""
+
+    def __init__(self, *, segments: list[list[_Segment]], batches: list[int], batch_size: int, image_size: int,
+                 shuffle_buffer: int, seed: int, epoch: int, rank: int) -> None:
+        super().__init__()
+        self.segments = segments
+        self.batches = batches
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = epoch
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        num_readers = info.num_workers if info is not None else 1
+        assert num_readers == len(self.segments), "the reader plan was made for another number of workers"
+        return self._batches(worker)
+
+    def _raw(self, worker: int) -> Iterator[dict[str, Any]]:
+        for seg in self.segments[worker]:
+            yield from _read_segment(seg)
+
+    def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        want = self.batches[worker] * self.batch_size
+        if want == 0:
+            return
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        shuffle_rng = random.Random(int(rng.integers(2**63)))
+        # initial = bufsize: the first batches are as mixed as the later ones (a stream of identity-grouped
+        # samples would otherwise start with a handful of identities).
+        bufsize = min(self.shuffle_buffer, want)
+        mixed = wds.shuffle(bufsize=bufsize, initial=bufsize, rng=shuffle_rng)(iter(self._raw(worker)))
+        size = self.image_size
+        images = np.empty((self.batch_size, size, size, 3), np.uint8)
+        labels = np.empty(self.batch_size, np.int64)
+        filled = num_bad = warned = produced = 0
+        owed = 0  # corrupt samples waiting for a substitute
+        last: tuple[np.ndarray, int] | None = None
+        for sample in mixed:
+            try:
+                item = _decode(sample, size)
+            except Exception as exn:  # PIL raises many types on corrupt data; never fatal
+                num_bad += 1
+                owed += 1
+                if warned < _MAX_WARNINGS:
+                    warned += 1
+                    _log.warning("skipping corrupt sample %s in %s (%s: %s); a copy of another sample takes its "
+                                 "place", sample.get("__key__"), sample.get("__url__"), type(exn).__name__, exn)
+                continue
+            last = item
+            for _ in range(1 + owed):
+                img, label = item
+                images[filled] = img[:, ::-1] if rng.random() < 0.5 else img
+                labels[filled] = label
+                filled += 1
+                produced += 1
+                if filled == self.batch_size:
+                    yield self._emit(images, labels, num_bad)
+                    filled = num_bad = 0
+            owed = 0
+        if owed:
+            if last is None:
+                raise DataError(f"all {want} samples read by worker {worker} of rank {self.rank} are unreadable "
+                                f"(first shard {self.segments[worker][0].path}); the dataset is corrupt: "
+                                "re-create or re-convert it")
+            for _ in range(owed):
+                images[filled] = last[0][:, ::-1] if rng.random() < 0.5 else last[0]
+                labels[filled] = last[1]
+                filled += 1
+                produced += 1
+                if filled == self.batch_size:
+                    yield self._emit(images, labels, num_bad)
+                    filled = num_bad = 0
+        assert produced == want and filled == 0, f"reader produced {produced} of {want} samples"
+
+    @staticmethod
+    def _emit(images_BHWC: np.ndarray, labels: np.ndarray, num_bad: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        images_u8 = torch.from_numpy(np.ascontiguousarray(images_BHWC.transpose(0, 3, 1, 2)))
+        return images_u8, torch.from_numpy(labels.copy()), num_bad
+
+
+class TrainLoader:
+    """One rank's epoch of training batches; iterate it to get ``(images_u8, labels)``.
+
+    ``images_u8`` is uint8 ``(B, 3, S, S)`` (RGB, randomly flipped), ``labels`` int64 ``(B,)``. Every rank yields
+    exactly ``len(loader) == steps_per_epoch`` full batches. Iterating the same loader again replays the same epoch.
+
+    Attributes:
+        index: the dataset index.
+        steps_per_epoch: batches per epoch on every rank.
+        batch_size: samples per batch on this rank.
+        num_skipped: corrupt samples replaced so far (summed over iterations of this loader).
+
+    Example::
+
+        loader = build_train_loader(cfg.data, image_size=32, batch_size=128, seed=0, epoch=0)
+        for images_u8, labels in loader:
+            ...
+    """
+
+    def __init__(self, dataset: _EpochDataset, *, index: DatasetIndex, steps_per_epoch: int, num_workers: int,
+                 pin_memory: bool) -> None:
+        self._dataset = dataset
+        self.index = index
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = dataset.batch_size
+        self.num_skipped = 0
+        self._num_workers = num_workers
+        self._pin_memory = pin_memory
+
+    @property
+    def num_classes(self) -> int:
+        """Identities in the dataset (labels lie in ``[0, num_classes)``)."""
+        return self.index.num_classes
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self._dataset, batch_size=None, num_workers=self._num_workers, pin_memory=self._pin_memory,
+            prefetch_factor=4 if self._num_workers > 0 else None)
+        count = 0
+        for images_u8, labels, num_bad in loader:
+            if num_bad:
+                self.num_skipped += int(num_bad)
+            count += 1
+            yield images_u8, labels
+        assert count == self.steps_per_epoch, f"loader yielded {count} of {self.steps_per_epoch} batches"
+
+
+def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                       world_size: int = 1, pin_memory: bool = False) -> TrainLoader:
+    """Builds one rank's loader for one epoch of the dataset at ``cfg.path``.
+
+    Args:
+        cfg: the [data] section (path, workers, shuffle buffer).
+        image_size: side of the images returned; stored images of another size are resized (bilinear).
+        batch_size: samples per batch on this rank.
+        seed: data-order and flip seed.
+        epoch: epoch number; each epoch has its own order.
+        rank: this process's rank in ``[0, world_size)``.
+        world_size: number of ranks; ranks read disjoint samples.
+        pin_memory: pin batches in page-locked memory (for asynchronous host-to-GPU copies).
+
+    Returns:
+        The loader; ``len(loader) == num_samples // (batch_size * world_size)`` on every rank.
+
+    Raises:
+        ConfigError: ``batch_size``, ``image_size``, ``rank`` or ``world_size`` out of range.
+        DataNotFoundError: the dataset directory, its ``index.json`` or a shard is missing.
+        DataError: the index is malformed or empty.
+    """
+    if batch_size < 1 or image_size < 1:
+        raise ConfigError(f"batch_size = {batch_size}, image_size = {image_size}; both must be >= 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank = {rank}, world_size = {world_size}; need world_size >= 1 and 0 <= rank < "
+                          "world_size")
+    index = read_index(os.fspath(cfg.path))
+    steps, segments, batches = _plan_readers(index, batch_size=batch_size, seed=seed, epoch=epoch,
+                                            world_size=world_size, num_workers=cfg.num_workers)
+    dataset = _EpochDataset(segments=segments[rank], batches=batches[rank], batch_size=batch_size,
+                            image_size=image_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank)
+    return TrainLoader(dataset, index=index, steps_per_epoch=steps, num_workers=cfg.num_workers, pin_memory=pin_memory)
