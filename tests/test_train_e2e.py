@@ -61,3 +61,18 @@ def test_eval_cli_reproduces_eval_json(tiny_run: tuple[Path, object]) -> None:
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["accuracy"] == pytest.approx(before["accuracy"])
     assert row["tar_at_far"] == pytest.approx(before["tar_at_far"])
+
+
+def test_deepspeed_engine_trains_and_checkpoints(tiny_run: tuple[Path, object]) -> None:
+    """Catches the trainer not routing engine.kind = "deepspeed" to DeepSpeed (ZeRO-2 with CPU offload), or a
+    checkpoint without DeepSpeed's own files or without weights that `offloadfr eval` can load."""
+    root, _ = tiny_run
+    cfg = load_config(REPO / "ds_configs/runs/synth_tiny.toml", [
+        f"data.path={root / 'data'}", f"run.output_dir={root / 'runs'}", "run.name=ds",
+        "data.num_workers=0", "train.batch_size=16", "train.epochs=1", "train.log_every=2", "train.warmup_steps=0",
+        "engine.kind=deepspeed", "engine.deepspeed_config=ds_configs/deepspeed/zero2_offload_cpu.json",
+    ])
+    result = train(cfg)
+    assert result.steps > 0
+    assert (result.checkpoint / "deepspeed").is_dir()
+    assert result.eval is not None and 0.0 <= result.eval["accuracy"] <= 1.0

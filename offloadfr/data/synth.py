@@ -58,9 +58,9 @@ _NUM_SHAPE = 30  # latents of the face layout and colours; the skin-texture coef
 class _Difficulty:
     """Amplitudes of identity variation and of per-image nuisance (calibrated so the tiny CNN does not saturate)."""
 
-    geometry: float = 1.0  # scale of the identity's feature-layout variation
-    color: float = 1.0  # scale of the identity's skin, hair, iris and lip colour variation
-    texture: float = 0.10  # amplitude of the identity's skin texture
+    geometry: float = 0.35  # scale of the identity's feature-layout variation
+    color: float = 0.35  # scale of the identity's skin, hair, iris and lip colour variation
+    texture: float = 0.06  # amplitude of the identity's skin texture
     rot_deg: float = 12.0  # image rotation std (degrees)
     scale: float = 0.08  # log-scale std
     shift: float = 0.07  # translation std (face units; the crop half-width is 1)

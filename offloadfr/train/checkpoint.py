@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,18 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: Config, *, keep: int) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: Config, *, keep: int,
+                    write_extra: Callable[[Path], None] | None = None) -> Path:
     """Writes ``state`` and the config atomically, then deletes all but the newest ``keep`` checkpoints.
+
+    Args:
+        run_dir: the run directory; checkpoints go to ``run_dir/checkpoints/step_XXXXXXXX``.
+        step: the step the state belongs to.
+        state: what ``state.pt`` holds.
+        cfg: the resolved config, saved beside it.
+        keep: how many checkpoints to keep.
+        write_extra: writes more files (e.g. a DeepSpeed checkpoint) into the temporary directory before the
+            rename, so they are part of the same atomic checkpoint.
 
     Returns:
         The directory of the new checkpoint.
@@ -44,7 +55,11 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: 
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
     (tmp / "config.toml").write_text(to_toml(cfg))
+    if write_extra is not None:
+        write_extra(tmp)
     for f in tmp.iterdir():
+        if f.is_dir():
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():

@@ -56,10 +56,12 @@ import math
 import os
 import socket
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 from torch import nn
 
 from offloadfr.config import EngineCfg, TrainCfg
@@ -265,12 +267,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ensure_dist_env() -> int:
+def ensure_dist_env(env: MutableMapping[str, str] | None = None) -> int:
     """Makes sure ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` are set.
 
-    A launcher (torchrun, accelerate, deepspeed) sets them; without one this is a single process and the missing
+    A launcher (torchrun, accelerate, deepspeed) sets them; without one this is a single process, and the missing
     ones are set to rank 0 of 1 on 127.0.0.1 with a free port (otherwise DeepSpeed falls back to MPI discovery and
     fails on ``import mpi4py``).
+
+    Args:
+        env: the environment to complete; ``os.environ`` when None.
 
     Returns:
         The world size.
@@ -279,12 +284,10 @@ def ensure_dist_env() -> int:
         ConfigError: ``WORLD_SIZE`` > 1 but the rendezvous variables are missing (a launcher bug or a hand-made
             environment).
     """
-    if torch.distributed.is_initialized():  # a launcher or dist/ already made the process group
-        return torch.distributed.get_world_size()
-    env = os.environ
+    env = os.environ if env is None else env
     world = int(env.get("WORLD_SIZE", "1"))
     missing = [v for v in _DIST_VARS if v not in env]
-    if world > 1 and any(v in missing for v in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+    if world > 1 and missing:
         raise ConfigError(f"WORLD_SIZE = {world} but {', '.join(missing)} unset; launch with accelerate launch or "
                           "torchrun, which set all of " + ", ".join(_DIST_VARS))
     if missing:
@@ -383,13 +386,20 @@ class DeepSpeedEngine:
                  ds_config: str | Path | dict[str, Any]) -> None:
         raw = ds_config if isinstance(ds_config, dict) else load_ds_config(ds_config)
         source = "engine.deepspeed_config" + ("" if isinstance(ds_config, dict) else f" ({ds_config})")
-        world = ensure_dist_env()
+        # A launcher or dist/ may already have made the process group; DeepSpeed then joins it.
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else ensure_dist_env()
         self.config = resolve_ds_config(raw, cfg, world_size=world, device=device, source=source)
         """The DeepSpeed config as run (JSON plus the values filled in from ``[train]``)."""
         self.cfg = cfg
         self.device = device
         nvme = _nvme_paths(self.config, source)
         deepspeed = _import_deepspeed(device)
+        if not torch.distributed.is_initialized():
+            # A process group destroyed through torch.distributed (not deepspeed.comm) leaves DeepSpeed's cached
+            # groups pointing at it, and the next initialize fails with "Group ... is not registered".
+            from deepspeed.utils import groups
+
+            getattr(groups, "_release_process_group_references", lambda group: None)(None)
         if nvme:
             _check_aio(source)
         ds_engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -455,13 +465,13 @@ class DeepSpeedEngine:
         opt = self.ds.optimizer
         from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
         from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
         if isinstance(opt, DeepSpeedZeroOptimizer):
             # What DeepSpeedZeroOptimizer.step does when it finds an overflow, plus the micro-step reset that makes
             # the next backward overwrite (not add to) the offloaded gradient buffer.
             opt._wait_for_offload_copies()
-            opt.micro_step_id = -1
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID
             opt.zero_grad(set_to_none=True)
             opt._release_preflattened_grad_buffers()
             if opt.cpu_offload:
@@ -578,17 +588,20 @@ class DeepSpeedEngine:
             raise CheckpointError(f"the weights do not match the backbone (differing keys, first 5: {diff}); load a "
                                   "checkpoint of the same model.backbone")
         params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the whole shape in ds_shape
+            if tuple(state[name].shape) != shape:
+                raise CheckpointError(f"{name}: shape {tuple(state[name].shape)} in the weights, {shape} in the "
+                                      "backbone; load a checkpoint of the same model")
         if self.zero_stage == 3:
             import deepspeed
 
+            # Gather whole parameters, write them, and let DeepSpeed re-partition them (from rank 0) on exit.
             with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
                 for name, p in params.items():
-                    p.data.copy_(state[name].to(p.device, p.dtype).view_as(p))
+                    p.data.copy_(state[name].to(p.device, p.dtype))
         else:
             for name, p in params.items():
-                if p.shape != state[name].shape:
-                    raise CheckpointError(f"{name}: shape {tuple(state[name].shape)} in the weights, "
-                                          f"{tuple(p.shape)} in the backbone; load a checkpoint of the same model")
                 p.data.copy_(state[name].to(p.device, p.dtype))
         for name, b in self.model.named_buffers():
             if name in state:
@@ -622,7 +635,11 @@ def consolidate_checkpoint(directory: str | Path, tag: str) -> dict[str, torch.T
     if any(path.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3: fp32 partitions in the optimizer files
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+        except ValueError as e:  # e.g. BF16_Optimizer files (ZeRO-1 with data_types.grad_accum_dtype = fp32)
+            raise CheckpointError(f"{path}: DeepSpeed cannot consolidate it offline ({e}); take the weights from "
+                                  "DeepSpeedEngine.consolidated_state_dict() in the training process") from None
         # Stage 1 leaves frozen parameters out of the fp32 reconstruction; they are whole in the model file.
         module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
         sd.update({k: v for k, v in module.items() if k not in sd})

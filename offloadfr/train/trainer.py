@@ -39,7 +39,8 @@ from offloadfr.heads import HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone
 from offloadfr.train.checkpoint import save_checkpoint
-from offloadfr.train.engine import PlainEngine
+from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
+from offloadfr.train.engine import Engine
 from offloadfr.train.metrics import JsonlSink, Progress
 from offloadfr.train.schedulers import LRSchedule
 
@@ -149,7 +150,7 @@ def train(cfg: Config) -> TrainResult:
 
     model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                            image_size=cfg.model.image_size).to(env.device)
-    engine = PlainEngine(model, cfg.train, env.device)
+    engine = build_engine(cfg.engine, cfg.train, model, env.device)
     margin = build_margin(cfg.loss).to(env.device)
     bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
@@ -226,15 +227,21 @@ def train(cfg: Config) -> TrainResult:
     head.close()
 
     result_eval = None
-    if cfg.eval.at_end and env.is_main:
-        pairs = list(cfg.eval.pairs) or [str(data_path / "pairs.bin")]
-        result_eval = evaluate_run(engine.model, cfg, pairs, run_dir, step=step)
+    if cfg.eval.at_end:
+        eval_model = engine.model
+        if isinstance(engine, DeepSpeedEngine):  # ZeRO-3 partitions or bf16 weights: evaluate an fp32 copy
+            eval_model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
+                                        image_size=cfg.model.image_size).to(env.device)
+            eval_model.load_state_dict(engine.consolidated_state_dict())  # a gather: every rank calls it
+        if env.is_main:
+            pairs = list(cfg.eval.pairs) or [str(data_path / "pairs.bin")]
+            result_eval = evaluate_run(eval_model, cfg, pairs, run_dir, step=step)
     return TrainResult(run_dir=run_dir, steps=step, final_loss=sum(window_loss) / max(1, len(window_loss)),
                        images_per_second=step * cfg.train.batch_size * env.world_size / elapsed,
                        checkpoint=last_ckpt, eval=result_eval)
 
 
-def _checkpoint(run_dir: Path, step: int, epoch: int, engine: PlainEngine, head: Any, cfg: Config) -> Path:
+def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config) -> Path:
     head.flush(step)
     state = {
         "step": step,
@@ -244,7 +251,13 @@ def _checkpoint(run_dir: Path, step: int, epoch: int, engine: PlainEngine, head:
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    return save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints)
+    write_extra = None
+    if isinstance(engine, DeepSpeedEngine):  # the exact optimizer state lives in DeepSpeed's own checkpoint
+
+        def write_extra(tmp: Path) -> None:
+            engine.save(tmp / "deepspeed", tag="engine")
+
+    return save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
 
 
 def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir: Path, *,
