@@ -47,11 +47,12 @@ def test_forward_shape_and_finite(name: str) -> None:
             assert torch.isfinite(emb).all(), (name, train)
 
 
-@pytest.mark.parametrize("name", list_backbones())
+@pytest.mark.parametrize("name", [n for n in list_backbones() if n != "iresnet100"])
 def test_gradients_reach_the_first_conv(name: str) -> None:
     """Catches a detached or broken path (an in-place op on a saved tensor, a frozen trunk, a ``no_grad`` block) that
     stops gradients before the stem. Runs at 32×32, where the big backbones are cheap; the layers are the same as at
-    112 and the 112 flatten is covered by the forward test."""
+    112 and the 112 flatten is covered by the forward test. iresnet100 is left out to keep the file fast: it is
+    iresnet50's blocks in other numbers (checked by the depth test)."""
     torch.manual_seed(0)
     model = build_backbone(name, embedding_size=D, image_size=32).to(DEVICE).train()
     emb = model(_images(32))

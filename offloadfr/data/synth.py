@@ -32,13 +32,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from offloadfr.config import SynthCfg
 from offloadfr.data.pairs import write_pairs_bin
 from offloadfr.data.shards import DatasetIndex, ShardWriter, read_index
 from offloadfr.errors import ConfigError, DataError
 
-__all__ = ["generate_synthetic", "render_identities", "images_per_identity", "GENERATOR_VERSION"]
+__all__ = ["generate_synthetic", "images_per_identity", "GENERATOR_VERSION"]
 
 GENERATOR_VERSION = 1
 """Bumped whenever the rendered pixels change for a given config; stored in ``index.json`` ``meta``."""
@@ -49,14 +50,21 @@ _S_COUNTS, _S_TRAIN_ID, _S_TRAIN_IMG, _S_HOLD_ID, _S_ORDER, _S_PAIRS, _S_PAIR_IM
 _JPEG_QUALITY = 90
 _CANVAS = 1.4  # the canonical face is drawn on [-_CANVAS, _CANVAS]^2; the image crop is [-1, 1]^2 before the warp
 _CHUNK_IDS = 64  # identities rendered per vectorised chunk
-_TEX_FREQS = 3  # skin texture basis: cos/sin of frequencies 0.._TEX_FREQS-1 per axis
+_TEX_FREQS = 3  # skin texture basis: products of cosines of frequencies 0.._TEX_FREQS-1 per axis (8 fields)
 _ELASTIC_BASIS = 6  # per-image elastic warp: random smooth displacement fields
 _NUM_SHAPE = 30  # latents of the face layout and colours; the skin-texture coefficients follow
 
 
 @dataclass(frozen=True, slots=True)
 class _Difficulty:
-    """Amplitudes of identity variation and of per-image nuisance (calibrated so the tiny CNN does not saturate)."""
+    """Amplitudes of identity variation and of per-image nuisance.
+
+    Calibrated on the default [synth] config with the ``tiny`` backbone (D = 128), ArcFace s = 32, m = 0.3, SGD
+    lr 0.1 (100 warmup steps, linear decay), momentum 0.9, wd 5e-4, batch 128: after 2500 steps (8 epochs) the
+    flip-test 10-fold accuracy on ``pairs.bin`` is 0.908 (0.66 after 500, 0.81 after 1000, 0.87 after 1500). With
+    ``geometry = color = 0.6, texture = 0.1`` the same run reached 0.964 (and 0.92 after 600 steps at 1.0, 1.0, 0.1):
+    the identity-variation amplitudes are the difficulty knob.
+    """
 
     geometry: float = 0.35  # scale of the identity's feature-layout variation
     color: float = 0.35  # scale of the identity's skin, hair, iris and lip colour variation
@@ -135,7 +143,7 @@ def _draw_identity_latents(seed: int, stream: int, ids: np.ndarray, num_tex: int
                      for i in ids]).astype(np.float64)
 
 
-def render_identities(z: np.ndarray, res: int, tex_basis: np.ndarray) -> np.ndarray:
+def _render_identities(z: np.ndarray, res: int, tex_basis: np.ndarray) -> np.ndarray:
     """Renders canonical faces (RGB and alpha) from identity latents.
 
     Args:
@@ -371,9 +379,7 @@ def _check(cfg: SynthCfg) -> None:
                           f"[{cfg.min_images}, {cfg.max_images}]; choose a mean inside that range")
 
 
-def _progress(total: int, enabled: bool, desc: str):  # type: ignore[no-untyped-def]
-    from tqdm import tqdm
-
+def _progress(total: int, enabled: bool, desc: str) -> tqdm:  # type: ignore[type-arg]
     return tqdm(total=total, desc=desc, unit="img", disable=not (enabled and sys.stderr.isatty()), leave=False)
 
 
@@ -389,7 +395,7 @@ class _Renderer:
 
     def canonical(self, stream: int, ids: np.ndarray) -> np.ndarray:
         z = _draw_identity_latents(self.seed, stream, ids, self.tex_basis.shape[0])
-        return render_identities(z, self.res, self.tex_basis)
+        return _render_identities(z, self.res, self.tex_basis)
 
     def images(self, canon: np.ndarray, owner: np.ndarray, rng: np.random.Generator) -> list[bytes]:
         return _encode(_render_images(canon, owner, rng, self.size, self.elastic_basis), rng)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -139,6 +140,8 @@ def train(cfg: Config) -> TrainResult:
     if env.world_size > 1:
         raise ConfigError(f"WORLD_SIZE = {env.world_size}: multi-process training is not available yet; "
                           "launch one process (accelerate launch --num_processes 1 launch/train.py)")
+    if env.device.type == "cpu":
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) - cfg.data.num_workers))
     torch.manual_seed(cfg.run.seed)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
