@@ -64,7 +64,13 @@ def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
                     bank=BankCfg(tier=tier or "ram"), cache=cache_cfg, bank_path=Path(tmp) / "bank")
     gen = torch.Generator().manual_seed(0)
     total = spec["warmup"] + spec["steps"]
-    labels = [torch.randint(0, n, (b,), generator=gen) for _ in range(total + cache_cfg.lookahead + 1)]
+    num_batches = total + cache_cfg.lookahead + 1
+    if spec["labels"] == "uniform":
+        labels = [torch.randint(0, n, (b,), generator=gen) for _ in range(num_batches)]
+    else:  # "window": ids from a window of consecutive ids that slides by 1/8 of its width per step, as the
+        # block-aware sampler (issue 6) will draw them, so the nvme tier reads whole neighbouring blocks
+        width = min(n, spec["window"])
+        labels = [(t * (width // 8) + torch.randint(0, width, (b,), generator=gen)) % n for t in range(num_batches)]
     head = build_head(head_cfg, deps)
     emb = torch.randn(b, d, device=device)
     lookahead = cache_cfg.lookahead
@@ -120,7 +126,7 @@ def _cmd_head(args: argparse.Namespace) -> int:
             steps = args.steps if n < args.big else max(3, args.steps // 5)
             spec = {"head": head, "num_classes": n, "batch_size": args.batch_size, "dim": args.dim,
                     "sample_rate": args.sample_rate, "num_slots": args.num_slots, "warmup": args.warmup,
-                    "steps": steps, "bank_dir": args.bank_dir}
+                    "steps": steps, "bank_dir": args.bank_dir, "labels": args.labels, "window": args.window}
             proc = subprocess.run([sys.executable, __file__, "_head_one", json.dumps(spec)], capture_output=True,
                                   text=True)
             if proc.returncode == 0:
@@ -145,7 +151,7 @@ def _emit(row: dict[str, Any], out: str | None) -> None:
 def _cmd_table(args: argparse.Namespace) -> int:
     """Prints a markdown table of head rows from a JSONL file."""
     rows = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
-    cols = ["head", "num_classes", "logit_columns", "status", "step_ms_p50", "step_ms_p90", "peak_device_GiB",
+    cols = ["head", "num_classes", "labels", "logit_columns", "status", "step_ms_p50", "step_ms_p90", "peak_device_GiB",
             "peak_host_rss_GiB", "bank/rows_read_per_step", "bank/bytes_read_per_step", "bank/bytes_written_per_step",
             "prefetch_stall_pct"]
     print("| " + " | ".join(cols) + " |")
@@ -177,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--big", type=int, default=500_000, help="from this many classes on, time steps/5 steps")
+    p.add_argument("--labels", choices=["uniform", "window"], default="uniform",
+                   help="label order: uniform over all ids, or from a sliding window of ids (block-aware order)")
+    p.add_argument("--window", type=int, default=32768, help="--labels window: width of the id window")
     p.add_argument("--bank-dir", default="", help="where partial_fc banks are created (an NVMe path for nvme)")
     p.add_argument("--out", help="append the JSON rows to this file")
     p.set_defaults(func=_cmd_head)

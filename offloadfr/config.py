@@ -43,6 +43,7 @@ __all__ = [
     "EvalCfg",
     "Config",
     "load_config",
+    "check_synth",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -370,7 +371,15 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def _check_cross_fields(cfg: Config) -> None:
-    s = cfg.synth
+    check_synth(cfg.synth)
+
+
+def check_synth(s: SynthCfg) -> None:
+    """Checks what the per-field ranges cannot: ``min_images <= mean_images <= max_images``.
+
+    Raises:
+        ConfigError: naming the keys and values that disagree.
+    """
     if s.min_images > s.max_images:
         raise ConfigError(f"synth.min_images = {s.min_images} exceeds synth.max_images = {s.max_images}; "
                           "lower min_images or raise max_images")

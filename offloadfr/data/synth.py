@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from offloadfr.config import SynthCfg
+from offloadfr.config import SynthCfg, check_synth
 from offloadfr.data.pairs import write_pairs_bin
 from offloadfr.data.shards import DatasetIndex, ShardWriter, read_index
-from offloadfr.errors import ConfigError, DataError
+from offloadfr.errors import DataError
 
 __all__ = ["generate_synthetic", "images_per_identity", "GENERATOR_VERSION"]
 
@@ -370,15 +370,6 @@ def _encode(img_u8: np.ndarray, rng: np.random.Generator) -> list[bytes]:
     return out
 
 
-def _check(cfg: SynthCfg) -> None:
-    if cfg.min_images > cfg.max_images:
-        raise ConfigError(f"synth.min_images = {cfg.min_images} > synth.max_images = {cfg.max_images}; "
-                          "make min_images <= max_images")
-    if not cfg.min_images <= cfg.mean_images <= cfg.max_images:
-        raise ConfigError(f"synth.mean_images = {cfg.mean_images} is outside [min_images, max_images] = "
-                          f"[{cfg.min_images}, {cfg.max_images}]; choose a mean inside that range")
-
-
 def _progress(total: int, enabled: bool, desc: str) -> tqdm:  # type: ignore[type-arg]
     return tqdm(total=total, desc=desc, unit="img", disable=not (enabled and sys.stderr.isatty()), leave=False)
 
@@ -447,7 +438,7 @@ def generate_synthetic(out_dir: str | os.PathLike[str], cfg: SynthCfg, *, progre
         ConfigError: inconsistent image counts (``min_images <= mean_images <= max_images`` is required).
         DataError: ``out_dir`` exists and is not empty.
     """
-    _check(cfg)
+    check_synth(cfg)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out} already exists and is not an empty directory; delete it or choose another output "

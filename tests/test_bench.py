@@ -1,0 +1,31 @@
+"""The benchmark harness in CI size, so it cannot rot: every head row comes back with status ok."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_head_bench_rows(tmp_path: Path) -> None:
+    """Catches a head the benchmark cannot build or step (a row with status error) or missing fields."""
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/bench.py"), "head", "--num-classes", "1000", "--heads", "fc", "pfc_dense",
+         "partial_fc:ram", "partial_fc:nvme", "--batch-size", "16", "--dim", "8", "--num-slots", "256",
+         "--steps", "2", "--warmup", "1", "--labels", "window", "--window", "300", "--bank-dir", str(tmp_path),
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["head"] for r in rows] == ["fc", "pfc_dense", "partial_fc:ram", "partial_fc:nvme"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["step_ms_p50"] > 0 and r["peak_host_rss_GiB"] > 0
+    assert rows[2]["bank/rows_read_per_step"] > 0 and "prefetch_stall_pct" in rows[2]
+    assert rows[2]["logit_columns"] == 256 and rows[0]["logit_columns"] == 1000
+    table = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "table", str(out)], capture_output=True,
+                           text=True, timeout=60)
+    assert table.returncode == 0 and table.stdout.count("\n") == 6
