@@ -34,7 +34,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from offloadfr.train.trainer import train
 
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
     summary = f"run {cfg.run.name}: {result.steps} steps, {result.images_per_second:.0f} img/s, " \
               f"final loss {result.final_loss:.3f}"
     if result.eval is not None:
@@ -110,6 +110,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="auto|CKPT",
+                   help="continue from the newest checkpoint of the run (auto) or from the checkpoint CKPT")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("synth", help="write the synthetic face dataset (shards, index.json, pairs.bin)")

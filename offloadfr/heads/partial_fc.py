@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from offloadfr.bank.zarr_bank import open_bank
 from offloadfr.cache import DynamicClassContainer, Prefetcher
 from offloadfr.config import HeadCfg
+from offloadfr.errors import CheckpointError
 from offloadfr.heads.base import Head, HeadDeps, register_head, sgd_rows_
 from offloadfr.losses import margin_cross_entropy
 
@@ -99,6 +100,7 @@ class PartialFCHead(Head):
         block_rows = self.bank.chunk_rows if deps.bank.tier == "nvme" else 1
         self.negatives = _NegativeStream(deps.num_classes, block_rows, seed=deps.bank.seed)
         self.all_resident = num_slots >= deps.num_classes
+        self._admitted_all = False  # all_resident: the first plan (after a start or a resume) takes every id
         self.num_planned = 0
         self.num_steps = 0
         self._active_slots: torch.Tensor | None = None
@@ -109,8 +111,8 @@ class PartialFCHead(Head):
         """Submits the positives of a coming batch plus this step's quota of negatives to the prefetcher."""
         positives = torch.unique(labels_B.detach().cpu().to(torch.int64))
         if self.all_resident:
-            quota = self.num_classes if self.num_planned == 0 else 0
-            ids = torch.arange(self.num_classes) if quota else positives
+            ids = positives if self._admitted_all else torch.arange(self.num_classes)
+            self._admitted_all = True
         else:
             quota = max(0, self.dcc.num_slots // (self.lookahead + 1) - positives.numel())
             ids = torch.cat([positives, self.negatives.take(quota)])
@@ -173,7 +175,20 @@ class PartialFCHead(Head):
         return {"negatives": self.negatives.state(), "num_steps": self.num_steps, "bank_step": self.bank.step}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restores the negative stream and the step count of a checkpoint (the rows come from the bank).
+
+        Raises:
+            CheckpointError: the bank's recorded step differs from the checkpoint's (a crash between the bank
+                flush and the checkpoint, or a bank that trained on): resuming would mix rows of two steps.
+        """
+        if self.bank.step != state["bank_step"]:
+            raise CheckpointError(f"bank {self.bank.path} is at step {self.bank.step} but the checkpoint is at step "
+                                  f"{state['bank_step']}; resume from the checkpoint of step {self.bank.step}, or "
+                                  "restore the bank directory saved with this checkpoint")
+        if self.num_planned:
+            raise CheckpointError("load a partial_fc checkpoint before the first plan() of the run")
         self.negatives.load(state["negatives"])
+        self.num_steps = self.num_planned = state["num_steps"]
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -34,12 +34,12 @@ from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import read_index
 from offloadfr.data.synth import generate_synthetic
 from offloadfr.dist import DistEnv
-from offloadfr.errors import ConfigError, DataError, NonFiniteError
+from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from offloadfr.eval.verification import evaluate_pack
 from offloadfr.heads import HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone
-from offloadfr.train.checkpoint import save_checkpoint
+from offloadfr.train.checkpoint import list_checkpoints, load_checkpoint, load_checkpoint_config, save_checkpoint
 from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
 from offloadfr.train.engine import Engine
 from offloadfr.train.metrics import JsonlSink, Progress
@@ -93,11 +93,20 @@ def ensure_dataset(cfg: Config, *, is_main: bool = True) -> Path:
     return path
 
 
-def _epochs(loader_for: Callable[[int], Any], total_steps: int, num_classes: int) -> Iterator[tuple[int, Any]]:
-    """``(epoch, batch)`` across epochs, ``total_steps`` batches in all, each batch's labels checked."""
-    step, epoch = 0, 0
+def _epochs(loader_for: Callable[[int], Any], total_steps: int, num_classes: int, *, start: int = 0,
+            steps_per_epoch: int = 1) -> Iterator[tuple[int, Any]]:
+    """``(epoch, batch)`` of steps ``start .. total_steps - 1`` across epochs, each batch's labels checked.
+
+    A resumed run starts mid-epoch: the loader's order depends only on (seed, epoch), so skipping the batches
+    already trained gives exactly the batches an uninterrupted run would see.
+    """
+    epoch, skip = divmod(start, steps_per_epoch)
+    step = start
     while True:
         for batch in loader_for(epoch):
+            if skip:
+                skip -= 1
+                continue
             if step == total_steps:
                 return
             _check_labels(batch[1], num_classes)
@@ -130,8 +139,13 @@ def _check_labels(labels_B: torch.Tensor, num_classes: int) -> None:
                         "disagree: re-convert the dataset")
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     """Trains the run described by ``cfg`` and evaluates it on the verification pairs.
+
+    Args:
+        cfg: the resolved run config.
+        resume: ``"auto"`` continues from the newest complete checkpoint of the run directory (or starts afresh when
+            there is none); a path continues from that checkpoint; None starts afresh.
 
     Raises:
         OffloadFRError: bad config, missing data, or a non-finite loss (the step is stopped before any update).
@@ -171,14 +185,20 @@ def train(cfg: Config) -> TrainResult:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     schedule = LRSchedule(cfg.train, total_steps)
+    step = 0
+    ckpt = _find_resume(run_dir, resume)
+    if ckpt is not None:
+        step = _restore(ckpt, cfg, engine, head)
+        print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
 
     sink = JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None
-    progress = Progress(total_steps, enabled=env.is_main)
-    step = 0
+    progress = Progress(total_steps, initial=step, enabled=env.is_main)
     window_loss: deque[float] = deque(maxlen=cfg.train.log_every)
     t_start = time.perf_counter()
     t_log, data_time, images_since_log = t_start, 0.0, 0
-    batches = _with_lookahead(_epochs(loader_for, total_steps, num_classes), cfg.cache.lookahead, head.plan)
+    remaining = _epochs(loader_for, total_steps, num_classes, start=step, steps_per_epoch=steps_per_epoch)
+    batches = _with_lookahead(remaining, cfg.cache.lookahead, head.plan)
+    epoch = step // steps_per_epoch
     try:
         while step < total_steps:
             t_data = time.perf_counter()
@@ -242,6 +262,40 @@ def train(cfg: Config) -> TrainResult:
     return TrainResult(run_dir=run_dir, steps=step, final_loss=sum(window_loss) / max(1, len(window_loss)),
                        images_per_second=step * cfg.train.batch_size * env.world_size / elapsed,
                        checkpoint=last_ckpt, eval=result_eval)
+
+
+def _find_resume(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    return Path(resume)
+
+
+def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any) -> int:
+    """Loads a checkpoint into ``engine`` and ``head``; returns its step.
+
+    Raises:
+        CheckpointError: the checkpoint belongs to another backbone, embedding size or head, or is incomplete.
+    """
+    saved = load_checkpoint_config(ckpt)
+    for key in ("model.backbone", "model.embedding_size", "model.image_size", "head.kind"):
+        section, name = key.split(".")
+        ours, theirs = getattr(getattr(cfg, section), name), getattr(getattr(saved, section), name)
+        if ours != theirs:
+            raise CheckpointError(f"checkpoint {ckpt} has {key} = {theirs!r} but this run has {ours!r}; resume "
+                                  f"with the checkpoint's config or start a new run.name")
+    state, _ = load_checkpoint(ckpt)
+    if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir():
+        engine.load(ckpt / "deepspeed", tag="engine")  # exact optimizer state (same process count)
+    else:
+        engine.load_state_dict(state["engine"])
+    head.load_state_dict(state["head"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
 
 
 def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config) -> Path:

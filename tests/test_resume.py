@@ -1,0 +1,67 @@
+"""Resume: a run continued from a checkpoint ends with exactly the weights of an uninterrupted run, and a bank
+whose step disagrees with the checkpoint is refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from offloadfr.config import load_config
+from offloadfr.errors import CheckpointError
+from offloadfr.train.checkpoint import list_checkpoints, load_checkpoint
+from offloadfr.train.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cfg(root: Path, name: str, *extra: str):  # type: ignore[no-untyped-def]
+    return load_config(REPO / "ds_configs/runs/synth_tiny.toml", [
+        f"data.path={root / 'data'}", f"run.output_dir={root / 'runs'}", f"run.name={name}",
+        "synth.num_identities=16", "synth.num_holdout=6", "synth.num_pairs=20", "synth.min_images=3",
+        "synth.max_images=8", "synth.mean_images=5.0", "synth.samples_per_shard=30",
+        "data.num_workers=0", "train.batch_size=8", "train.epochs=2", "train.checkpoint_every=4",
+        "train.keep_checkpoints=5", "train.warmup_steps=0", "eval.at_end=false", *extra])
+
+
+@pytest.mark.parametrize("head", ["fc", "partial_fc"])
+def test_resume_equals_uninterrupted(tmp_path: Path, head: str) -> None:
+    """Catches a resume that restarts the data order, the optimizer state or the head's rows (bank and momentum):
+    any of them changes the final weights. The schedule is constant, so stopping early changes nothing else."""
+    full = train(_cfg(tmp_path, "full", f"head.kind={head}", "train.scheduler=constant"))
+    cut = _cfg(tmp_path, "cut", f"head.kind={head}", "train.scheduler=constant", "train.max_steps=6")
+    train(cut)  # stops at step 6, as a crash after the checkpoint of step 6 would
+    resumed = train(_cfg(tmp_path, "cut", f"head.kind={head}", "train.scheduler=constant"), resume="auto")
+    assert resumed.steps == full.steps > 6
+    a, _ = load_checkpoint(full.checkpoint)
+    b, _ = load_checkpoint(resumed.checkpoint)
+    for k, v in a["engine"]["model"].items():
+        assert torch.equal(v, b["engine"]["model"][k]), k
+    if head == "fc":
+        assert torch.equal(a["head"]["weight"], b["head"]["weight"])
+    else:
+        from offloadfr.bank import ZarrBank
+
+        rows = [ZarrBank.open(tmp_path / "runs" / n / "bank", read_only=True).read_rows(torch.arange(16))
+                for n in ("full", "cut")]
+        assert torch.equal(rows[0], rows[1])
+
+
+def test_partial_fc_resume_refuses_a_bank_at_another_step(tmp_path: Path) -> None:
+    """Catches a resume that silently mixes bank rows of step N with a checkpoint of step M."""
+    cfg = _cfg(tmp_path, "pfc", "head.kind=partial_fc")
+    train(cfg)
+    run_dir = tmp_path / "runs" / "pfc"
+    ckpts = list_checkpoints(run_dir)
+    shutil.rmtree(ckpts[-1])  # the bank stays at the final step; the newest checkpoint is older
+    with pytest.raises(CheckpointError, match="bank .* is at step"):
+        train(cfg, resume="auto")
+
+
+def test_resume_refuses_another_backbone(tmp_path: Path) -> None:
+    """Catches loading weights of one backbone into another (a crash deep in load_state_dict, or worse)."""
+    train(_cfg(tmp_path, "bb", "train.epochs=1"))
+    with pytest.raises(CheckpointError, match="model.embedding_size"):
+        train(_cfg(tmp_path, "bb", "train.epochs=1", "model.embedding_size=64"), resume="auto")
