@@ -1,5 +1,26 @@
-"""Process topology (the only layer that touches torch.distributed)."""
+"""Process topology and model-parallel primitives (the only layer that touches torch.distributed).
 
+With one process (no process group) every primitive is the plain operation and runs no collective (STYLE R2).
+"""
+
+from offloadfr.dist.collectives import (
+    all_gather_labels,
+    all_gather_with_grad,
+    check_process_group,
+    gather_batch_sizes,
+    process_group_size,
+)
 from offloadfr.dist.env import DistEnv
+from offloadfr.dist.partition import ClassPartition
+from offloadfr.dist.sharded_ce import sharded_softmax_cross_entropy
 
-__all__ = ["DistEnv"]
+__all__ = [
+    "DistEnv",
+    "ClassPartition",
+    "all_gather_with_grad",
+    "all_gather_labels",
+    "gather_batch_sizes",
+    "check_process_group",
+    "process_group_size",
+    "sharded_softmax_cross_entropy",
+]

@@ -194,6 +194,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     sink = JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None
     progress = Progress(total_steps, initial=step, enabled=env.is_main)
     window_loss: deque[float] = deque(maxlen=cfg.train.log_every)
+    start_step = step
     t_start = time.perf_counter()
     t_log, data_time, images_since_log = t_start, 0.0, 0
     remaining = _epochs(loader_for, total_steps, num_classes, start=step, steps_per_epoch=steps_per_epoch)
@@ -260,7 +261,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             pairs = list(cfg.eval.pairs) or [str(data_path / "pairs.bin")]
             result_eval = evaluate_run(eval_model, cfg, pairs, run_dir, step=step)
     return TrainResult(run_dir=run_dir, steps=step, final_loss=sum(window_loss) / max(1, len(window_loss)),
-                       images_per_second=step * cfg.train.batch_size * env.world_size / elapsed,
+                       images_per_second=(step - start_step) * cfg.train.batch_size * env.world_size / elapsed,
                        checkpoint=last_ckpt, eval=result_eval)
 
 
