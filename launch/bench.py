@@ -59,7 +59,8 @@ def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
     # pfc_dense samples sample_rate × N classes per step (arcface_torch); partial_fc puts all K resident slots in
     # the softmax, so its logit width is K whatever N is.
     head_cfg = HeadCfg(kind=kind, sample_rate=spec["sample_rate"] if kind == "pfc_dense" else 1.0)
-    cache_cfg = CacheCfg(num_slots=spec["num_slots"] if kind == "partial_fc" else 0)
+    num_slots = spec["num_slots"] or max(1, int(spec["sample_rate"] * n))  # 0: as many columns as pfc_dense
+    cache_cfg = CacheCfg(num_slots=num_slots if kind == "partial_fc" else 0)
     deps = HeadDeps(margin=build_margin(LossCfg(kind="arcface")).to(device), num_classes=n, dim=d, device=device,
                     bank=BankCfg(tier=tier or "ram"), cache=cache_cfg, bank_path=Path(tmp) / "bank")
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +111,7 @@ def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
         **{f"{k}_per_step": v / steps for k, v in moved.items()},
     }
     row["logit_columns"] = {"fc": n, "pfc_dense": max(1, int(spec["sample_rate"] * n))}.get(
-        kind, min(n, spec["num_slots"]))
+        kind, min(n, num_slots))
     if stall:
         row["prefetch_stall_pct"] = sum(stall) / len(stall)
     if device.type == "cuda":
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--sample-rate", type=float, default=0.1, help="pfc_dense: sampled fraction of the N classes")
-    p.add_argument("--num-slots", type=int, default=65_536, help="partial_fc: DCC slots")
+    p.add_argument("--num-slots", type=int, default=65_536,
+                   help="partial_fc: DCC slots K (all in the softmax); 0 = sample_rate x N, pfc_dense's logit width")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--big", type=int, default=500_000, help="from this many classes on, time steps/5 steps")
