@@ -357,3 +357,17 @@ def test_open_bank_accepts_reordered_arrays_and_warns_on_ignored_seed(tmp_path: 
     assert bank.seed == 3
     assert any("bank.seed=4 is ignored" in rec.getMessage() for rec in caplog.records)
     bank.close()
+
+
+def test_ram_tier_that_does_not_fit_is_refused_before_training(tmp_path: Path) -> None:
+    """Catches a ram-tier bank that would exhaust host memory hours into a run instead of failing up front."""
+    from offloadfr.bank.zarr_bank import check_ram_fits
+    from offloadfr.config import BankCfg
+
+    check_ram_fits(num_classes=1000, dim=512, num_arrays=2, available=10 * 2**30)
+    with pytest.raises(BankError, match="bank.tier = 'nvme'"):
+        check_ram_fits(num_classes=10_000_000, dim=512, num_arrays=2, available=16 * 2**30)
+    with pytest.raises(BankError, match="host memory"):  # 100M x 512 x 2 float32 = 381 GiB: never fits here
+        open_bank(BankCfg(tier="ram"), path=tmp_path / "b", num_classes=100_000_000, dim=512,
+                  arrays=("centers", "momentum"), head_kind="partial_fc")
+    assert not (tmp_path / "b").exists()

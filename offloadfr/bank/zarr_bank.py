@@ -64,7 +64,7 @@ from offloadfr.bank.memory import _check_array, _check_ids, _check_rows, _check_
 from offloadfr.config import BankCfg
 from offloadfr.errors import BankError
 
-__all__ = ["ZarrBank", "open_bank", "auto_chunk_rows", "FORMAT_VERSION"]
+__all__ = ["ZarrBank", "open_bank", "check_ram_fits", "auto_chunk_rows", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -516,6 +516,26 @@ class ZarrBank(ClassBank):
         self._apply_journal(int(pending_step))
 
 
+_RAM_HEADROOM = 0.9
+"""The ram tier may take at most this fraction of the memory available when the bank is opened."""
+
+
+def check_ram_fits(*, num_classes: int, dim: int, num_arrays: int, available: int | None = None) -> None:
+    """Refuses ``tier = "ram"`` when the bank would not fit in the host memory available now (psutil).
+
+    Raises:
+        BankError: naming the bytes needed and available, and suggesting ``bank.tier = "nvme"``.
+    """
+    import psutil
+
+    need = num_classes * dim * 4 * num_arrays
+    free = psutil.virtual_memory().available if available is None else available
+    if need > _RAM_HEADROOM * free:
+        raise BankError(f"bank.tier = 'ram' needs {need / 2**30:.1f} GiB of host memory for {num_classes} x {dim} x "
+                        f"{num_arrays} float32 but {free / 2**30:.1f} GiB is available; set bank.tier = 'nvme' "
+                        "(served block by block from disk)")
+
+
 def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, dim: int, arrays: tuple[str, ...],
               head_kind: str) -> ZarrBank:
     """Opens the bank at ``path`` if it exists (checking that it fits the run), else creates it from ``cfg``.
@@ -535,6 +555,8 @@ def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, d
         BankError: an existing bank's num_classes, dim, arrays or head_kind differ from the run's (the message names
             the field, both values and the fix), or the bank cannot be created or opened.
     """
+    if cfg.tier == "ram":
+        check_ram_fits(num_classes=num_classes, dim=dim, num_arrays=len(arrays))
     if not (Path(path) / "zarr.json").exists():
         return ZarrBank.create(path, num_classes=num_classes, dim=dim, arrays=arrays, head_kind=head_kind,
                                chunk_rows=cfg.chunk_rows, seed=cfg.seed, init_std=cfg.init_std, tier=cfg.tier,
