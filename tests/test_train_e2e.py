@@ -76,3 +76,14 @@ def test_deepspeed_engine_trains_and_checkpoints(tiny_run: tuple[Path, object]) 
     assert result.steps > 0
     assert (result.checkpoint / "deepspeed").is_dir()
     assert result.eval is not None and 0.0 <= result.eval["accuracy"] <= 1.0
+
+
+def test_eval_cli_one_row_per_pack(tiny_run: tuple[Path, object]) -> None:
+    """Catches `offloadfr eval --pairs A B` evaluating only the first pack."""
+    root, result = tiny_run
+    pack = str(root / "data" / "pairs.bin")
+    proc = subprocess.run([sys.executable, "-m", "offloadfr.cli", "eval", "--checkpoint", str(result.checkpoint),
+                           "--pairs", pack, pack], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 2 and rows[0]["accuracy"] == rows[1]["accuracy"] and rows[0]["pairs"] == pack
