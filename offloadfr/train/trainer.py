@@ -161,14 +161,14 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
 
+    # components that only need the config first, so a bad name or value fails before any data work
+    model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
+                           image_size=cfg.model.image_size).to(env.device)
+    margin = build_margin(cfg.loss).to(env.device)
     data_path = ensure_dataset(cfg, is_main=env.is_main)
     index = read_index(data_path)
     num_classes = index.num_classes
-
-    model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
-                           image_size=cfg.model.image_size).to(env.device)
     engine = build_engine(cfg.engine, cfg.train, model, env.device)
-    margin = build_margin(cfg.loss).to(env.device)
     bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path))
