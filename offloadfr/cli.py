@@ -35,6 +35,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from offloadfr.train.trainer import train
 
     result = train(cfg, resume=args.resume)
+    if result.stopped:
+        return 0
     summary = f"run {cfg.run.name}: {result.steps} steps, {result.images_per_second:.0f} img/s, " \
               f"final loss {result.final_loss:.3f}"
     if result.eval is not None:

@@ -65,3 +65,30 @@ def test_resume_refuses_another_backbone(tmp_path: Path) -> None:
     train(_cfg(tmp_path, "bb", "train.epochs=1"))
     with pytest.raises(CheckpointError, match="model.embedding_size"):
         train(_cfg(tmp_path, "bb", "train.epochs=1", "model.embedding_size=64"), resume="auto")
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> None:
+    """Catches a SIGTERM (a scheduler's preemption) that kills the run without a checkpoint, or exits non-zero."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, str(REPO / "launch/train.py"), "--set", f"data.path={tmp_path / 'data'}",
+            "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.name=sig", "--set", "synth.num_identities=40",
+            "--set", "synth.num_holdout=6", "--set", "synth.num_pairs=20", "--set", "data.num_workers=0",
+            "--set", "train.batch_size=8", "--set", "train.epochs=500", "--set", "train.log_every=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "sig" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "--resume auto" in err
+    ckpts = list_checkpoints(tmp_path / "runs" / "sig")
+    assert ckpts, err
+    state, _ = load_checkpoint(ckpts[-1])
+    assert 3 <= state["step"] < 500

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
@@ -54,7 +56,8 @@ class TrainResult:
 
     Attributes:
         run_dir: the run directory.
-        steps: optimizer steps taken.
+        steps: optimizer steps taken (the step of the final checkpoint).
+        stopped: True when SIGINT or SIGTERM ended the run early (after a checkpoint, without evaluation).
         final_loss: mean loss over the last log interval.
         images_per_second: mean training throughput.
         checkpoint: directory of the final checkpoint.
@@ -63,6 +66,7 @@ class TrainResult:
 
     run_dir: Path
     steps: int
+    stopped: bool
     final_loss: float
     images_per_second: float
     checkpoint: Path
@@ -200,8 +204,9 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     remaining = _epochs(loader_for, total_steps, num_classes, start=step, steps_per_epoch=steps_per_epoch)
     batches = _with_lookahead(remaining, cfg.cache.lookahead, head.plan)
     epoch = step // steps_per_epoch
+    stop = _GracefulStop()
     try:
-        while step < total_steps:
+        while step < total_steps and not stop.requested:
             t_data = time.perf_counter()
             epoch, (images_u8, labels_B) = next(batches)
             data_time += time.perf_counter() - t_data
@@ -242,6 +247,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
                 _checkpoint(run_dir, step, epoch, engine, head, cfg)
     finally:
+        stop.restore()
         batches.close()
         progress.close()
         if sink is not None:
@@ -251,7 +257,10 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     head.close()
 
     result_eval = None
-    if cfg.eval.at_end:
+    if stop.requested:
+        print(f"offloadfr: {stop.requested} received: stopped after step {step} and saved {last_ckpt}; continue "
+              "with --resume auto", file=sys.stderr)
+    elif cfg.eval.at_end:
         eval_model = engine.model
         if isinstance(engine, DeepSpeedEngine):  # ZeRO-3 partitions or bf16 weights: evaluate an fp32 copy
             eval_model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
@@ -260,9 +269,37 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
         if env.is_main:
             pairs = list(cfg.eval.pairs) or [str(data_path / "pairs.bin")]
             result_eval = evaluate_run(eval_model, cfg, pairs, run_dir, step=step)
-    return TrainResult(run_dir=run_dir, steps=step, final_loss=sum(window_loss) / max(1, len(window_loss)),
+    return TrainResult(run_dir=run_dir, steps=step, stopped=bool(stop.requested),
+                       final_loss=sum(window_loss) / max(1, len(window_loss)),
                        images_per_second=(step - start_step) * cfg.train.batch_size * env.world_size / elapsed,
                        checkpoint=last_ckpt, eval=result_eval)
+
+
+class _GracefulStop:
+    """Turns SIGINT and SIGTERM into a request to stop after the current step (and checkpoint), restoring the
+    previous handlers afterwards. A second signal interrupts at once, as usual."""
+
+    def __init__(self) -> None:
+        self.requested = ""
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second signal: stop now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = signal.Signals(signum).name
+        print(f"\noffloadfr: {self.requested}: finishing this step, then saving a checkpoint (again to abort)",
+              file=sys.stderr)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _find_resume(run_dir: Path, resume: str | None) -> Path | None:
