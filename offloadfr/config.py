@@ -187,6 +187,11 @@ class TrainCfg:
     threads next to two decoding workers on 2 cores ran 2.8x slower than one thread (contention)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """``auto``: bf16 autocast on a GPU, fp32 on the CPU."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss or gradient norm: ``stop`` the run (nothing is updated or saved from that step), or ``skip``
+    the step (no update, counted as ``train/skipped_steps``) and stop after ``max_skipped_in_row`` in a row."""
+    max_skipped_in_row: int = _field(5, ge=1)
+    """``nonfinite = "skip"``: consecutive skipped steps that stop the run."""
     log_every: int = _field(20, ge=1)
     """Steps between metric lines."""
     checkpoint_every: int = _field(0, ge=0)

@@ -68,6 +68,11 @@ class Head(nn.Module):
         """Applies the head's optimizer to the rows that received a gradient, then clears their gradients."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def skip(self) -> None:  # pragma: no cover - abstract
+        """Drops this step's gradients without updating any row (a step skipped by the non-finite guard)."""
+        raise NotImplementedError
+
     def metrics(self) -> dict[str, float]:
         """Per-step metrics of the head (bank traffic, stall, cache hits); empty by default."""
         return {}

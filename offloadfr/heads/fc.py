@@ -60,3 +60,8 @@ class FCHead(Head):
         sgd_rows_(self.weight.data, self.weight.grad, self.momentum_buf, lr=lr * self.cfg.lr_scale,
                   momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
         self.weight.grad = None
+
+    @torch.no_grad()
+    def skip(self) -> None:
+        """Drops the gradient; no row moves."""
+        self.weight.grad = None

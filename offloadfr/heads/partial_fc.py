@@ -162,6 +162,12 @@ class PartialFCHead(Head):
         self._active_slots, self._w_AD = None, None
         self.num_steps += 1
 
+    @torch.no_grad()
+    def skip(self) -> None:
+        """Drops this step's gradient; no row moves, but the step (and its plan) is consumed."""
+        self._active_slots, self._w_AD = None, None
+        self.num_steps += 1
+
     # ---------------------------------------------------------------------------------- state and metrics
     def metrics(self) -> dict[str, float]:
         return {**self.prefetcher.metrics(), "cache/used_slots": float(self.dcc.num_used)}

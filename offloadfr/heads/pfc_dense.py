@@ -71,3 +71,8 @@ class DensePartialFCHead(Head):
         sgd_rows_(self.weight, grad_ND, self.momentum_buf, lr=lr * self.cfg.lr_scale, momentum=self.cfg.momentum,
                   weight_decay=self.cfg.weight_decay)
         self._sampled, self._w_SD = None, None
+
+    @torch.no_grad()
+    def skip(self) -> None:
+        """Drops this step's sample and gradient; no row moves."""
+        self._sampled, self._w_SD = None, None

@@ -44,7 +44,7 @@ from offloadfr.models import build_backbone
 from offloadfr.train.checkpoint import list_checkpoints, load_checkpoint, load_checkpoint_config, save_checkpoint
 from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
 from offloadfr.train.engine import Engine
-from offloadfr.train.metrics import JsonlSink, Progress
+from offloadfr.train.metrics import JsonlSink, Progress, warn_once
 from offloadfr.train.schedulers import LRSchedule
 
 __all__ = ["train", "TrainResult", "run_dir_of", "ensure_dataset", "normalise_images"]
@@ -204,6 +204,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     remaining = _epochs(loader_for, total_steps, num_classes, start=step, steps_per_epoch=steps_per_epoch)
     batches = _with_lookahead(remaining, cfg.cache.lookahead, head.plan)
     epoch = step // steps_per_epoch
+    skipped = skipped_in_row = 0
     stop = _GracefulStop()
     try:
         while step < total_steps and not stop.requested:
@@ -218,22 +219,33 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             engine.backward(loss)
             grad_norm = engine.grad_norm()
             loss_value = loss.detach().item()
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                raise NonFiniteError(f"step {step}: loss = {loss_value}, gradient norm = {grad_norm}; stopped "
-                                     "before the update. Lower train.lr or raise train.warmup_steps")
-            engine.step(lr)
-            head.update(lr)
+            if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                engine.step(lr)
+                head.update(lr)
+                skipped_in_row = 0
+            else:  # the guard: nothing is updated from this step, and nothing reaches the bank
+                engine.zero_grad()
+                head.skip()
+                skipped_in_row += 1
+                skipped += 1
+                what = f"step {step}: loss = {loss_value}, gradient norm = {grad_norm}"
+                if cfg.train.nonfinite == "stop" or skipped_in_row >= cfg.train.max_skipped_in_row:
+                    raise NonFiniteError(f"{what} ({skipped_in_row} in a row); stopped before the update. Lower "
+                                         "train.lr, raise train.warmup_steps, or resume from the last checkpoint")
+                warn_once(f"{what}: skipped (train.nonfinite = 'skip'); counted in train/skipped_steps")
             step += 1
             images_since_log += labels_B.numel() * env.world_size
-            window_loss.append(loss_value)
+            if math.isfinite(loss_value):
+                window_loss.append(loss_value)
             metrics = None
             if step % cfg.train.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 metrics = {
                     "epoch": epoch,
-                    "loss": sum(window_loss) / len(window_loss),
+                    "loss": sum(window_loss) / len(window_loss) if window_loss else float("nan"),
                     "lr": lr,
                     "grad_norm": grad_norm,
+                    "train/skipped_steps": skipped,
                     "throughput(img/s)": images_since_log / (now - t_log),
                     "time/data(%)": 100.0 * data_time / (now - t_log),
                     **head.metrics(),
