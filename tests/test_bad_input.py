@@ -1,0 +1,141 @@
+"""The bad-input catalogue (docs/troubleshooting.md): each wrong input ends the command with exit code 2 and one
+line on stderr naming the problem, never a traceback. Each case would catch an error path regressing into a crash
+deep in a run (or into silent acceptance)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from offloadfr.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["synth.num_identities=16", "synth.num_holdout=6", "synth.num_pairs=20", "synth.min_images=3",
+        "synth.max_images=8", "synth.mean_images=5.0", "synth.samples_per_shard=30", "data.num_workers=0",
+        "train.batch_size=8", "train.epochs=1", "eval.at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny dataset and one finished run (run.name=ok) shared by the cases."""
+    root = tmp_path_factory.mktemp("bad")
+    assert main(["train", *_sets(root, "ok")]) == 0
+    return root
+
+
+def _sets(root: Path, name: str, *extra: str) -> list[str]:
+    out = []
+    for kv in [f"data.path={root / 'data'}", f"run.output_dir={root / 'runs'}", f"run.name={name}", *TINY, *extra]:
+        out += ["--set", kv]
+    return out
+
+
+def _copy_data(root: Path, dest: str) -> Path:
+    target = root / dest
+    if not target.exists():
+        shutil.copytree(root / "data", target)
+    return target
+
+
+def _drop_shard(root: Path) -> list[str]:
+    d = _copy_data(root, "no_shard")
+    next((d / "shards").glob("*.tar")).unlink()
+    return ["train", *_sets(root, "x", f"data.path={d}", "data.generate_if_missing=false")]
+
+
+def _shrink_classes(root: Path) -> list[str]:
+    d = _copy_data(root, "few_classes")
+    index = json.loads((d / "index.json").read_text())
+    index["num_classes"] = 4
+    (d / "index.json").write_text(json.dumps(index))
+    return ["train", *_sets(root, "x", f"data.path={d}", "data.generate_if_missing=false")]
+
+
+def _bank_of_other_dim(root: Path) -> list[str]:
+    bank = root / "bank_dim"
+    assert main(["train", *_sets(root, "b1", "head.kind=partial_fc", f"bank.path={bank}")]) == 0
+    return ["train", *_sets(root, "b2", "head.kind=partial_fc", f"bank.path={bank}", "model.embedding_size=64")]
+
+
+def _bank_of_other_kind(root: Path) -> list[str]:
+    from offloadfr.bank import ZarrBank
+
+    bank = root / "bank_kind"
+    ZarrBank.create(bank, num_classes=16, dim=128, arrays=("centers", "momentum"), head_kind="attfc").close()
+    return ["train", *_sets(root, "b3", "head.kind=partial_fc", f"bank.path={bank}")]
+
+
+def _bad_toml(root: Path) -> list[str]:
+    (root / "bad.toml").write_text("[train\nbatch_size = 3\n")
+    return ["train", "--config", str(root / "bad.toml")]
+
+
+def _empty_dir(root: Path) -> list[str]:
+    (root / "empty").mkdir(exist_ok=True)
+    return ["train", *_sets(root, "x", f"data.path={root / 'empty'}", "data.generate_if_missing=false")]
+
+
+def _other_backbone_resume(root: Path) -> list[str]:
+    return ["train", "--resume", "auto", *_sets(root, "ok", "model.embedding_size=64")]
+
+
+def _convert_missing(root: Path) -> list[str]:
+    return ["convert", "folder", str(root / "nope"), str(root / "conv_out")]
+
+
+def _eval_missing_pairs(root: Path) -> list[str]:
+    return ["eval", "--checkpoint", str(root / "runs" / "ok"), "--pairs", str(root / "nope.bin")]
+
+
+Case = tuple[str, Callable[[Path], list[str]], str]
+CASES: list[Case] = [
+    ("unknown key", lambda r: ["train", "--set", "train.batchsize=3"], "unknown config key 'train.batchsize'"),
+    ("unknown section", lambda r: ["train", "--set", "optim.lr=3"], "unknown config section [optim]"),
+    ("wrong type", lambda r: ["train", "--set", "train.batch_size=abc"], "has the wrong type"),
+    ("negative size", lambda r: ["train", "--set", "train.batch_size=-1"], "train.batch_size = -1 is out of range"),
+    ("zero epochs", lambda r: ["train", "--set", "train.epochs=0"], "train.epochs = 0 is out of range"),
+    ("bad choice", lambda r: ["train", "--set", "loss.kind=sphereface"], "loss.kind = 'sphereface' is not allowed"),
+    ("malformed --set", lambda r: ["train", "--set", "trainlr=1"], "is malformed"),
+    ("missing config file", lambda r: ["train", "--config", str(r / "nope.toml")], "does not exist"),
+    ("invalid TOML", _bad_toml, "is not valid TOML"),
+    ("unknown backbone", lambda r: ["train", *_sets(r, "x", "model.backbone=resnet")], "model.backbone = 'resnet'"),
+    ("image size unfit", lambda r: ["train", *_sets(r, "x", "model.backbone=iresnet50", "model.image_size=40")],
+     "model.image_size = 40"),
+    ("margin out of range", lambda r: ["train", *_sets(r, "x", "loss.arcface_m=2.0")], "loss.arcface_m"),
+    ("cuda without a GPU", lambda r: ["train", *_sets(r, "x", "run.device=cuda")], "run.device = 'cuda'"),
+    ("missing data dir", lambda r: ["train", *_sets(r, "x", f"data.path={r / 'nothing'}",
+                                                    "data.generate_if_missing=false")], "nothing"),
+    ("dataset without index", _empty_dir, "index.json"),
+    ("missing shard", _drop_shard, "shard-"),
+    ("labels outside num_classes", _shrink_classes, "outside [0, 4)"),
+    ("synth counts inconsistent", lambda r: ["synth", "--out", str(r / "s"), "--min-images", "10",
+                                             "--max-images", "5"], "synth.min_images = 10 exceeds"),
+    ("num_slots below a batch", lambda r: ["train", *_sets(r, "x", "head.kind=partial_fc", "cache.num_slots=4")],
+     "cache.num_slots=4 cannot hold"),
+    ("bank of another dim", _bank_of_other_dim, "dim=128 but this run needs dim=64"),
+    ("bank of another head kind", _bank_of_other_kind, "head_kind='attfc'"),
+    ("checkpoint of another model", _other_backbone_resume, "model.embedding_size = 128 but this run has 64"),
+    ("missing DeepSpeed JSON", lambda r: ["train", *_sets(r, "x", "engine.kind=deepspeed",
+                                                          "engine.deepspeed_config=nope.json")],
+     "engine.deepspeed_config"),
+    ("eval of a missing checkpoint", lambda r: ["eval", "--checkpoint", str(r / "nope")], "nope"),
+    ("eval of a missing pack", _eval_missing_pairs, "nope.bin"),
+    ("convert of a missing folder", _convert_missing, "nope"),
+]
+
+
+@pytest.mark.parametrize(("name", "make_argv", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(data: Path, capsys: pytest.CaptureFixture[str], name: str,
+                                         make_argv: Callable[[Path], list[str]], expected: str) -> None:
+    argv = make_argv(data)
+    capsys.readouterr()
+    assert main(argv) == 2, name
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, f"{name}: nothing on stderr"
+    last = err[-1]
+    assert last.startswith("offloadfr: error: "), last
+    assert expected in last, f"{name}: {last}"
