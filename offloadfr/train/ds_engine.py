@@ -115,7 +115,7 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     candidates = [p] if p.is_absolute() else [Path.cwd() / p, _REPO_ROOT / p]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
-        tried = ", ".join(str(c) for c in candidates)
+        tried = ", ".join(dict.fromkeys(str(c) for c in candidates))  # cwd may be the repository root
         raise ConfigError(f"engine.deepspeed_config = {str(path)!r} does not exist (tried {tried}); pass a file "
                           "from ds_configs/deepspeed/, e.g. ds_configs/deepspeed/zero2_offload_cpu.json")
     try:
