@@ -16,7 +16,7 @@ def test_head_bench_rows(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/bench.py"), "head", "--num-classes", "1000", "--heads", "fc", "pfc_dense",
          "partial_fc:ram", "partial_fc:nvme", "--batch-size", "16", "--dim", "8", "--num-slots", "256",
-         "--steps", "2", "--warmup", "1", "--labels", "window", "--window", "300", "--bank-dir", str(tmp_path),
+         "--steps", "6", "--warmup", "1", "--labels", "window", "--window", "300", "--bank-dir", str(tmp_path),
          "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -176,97 +176,99 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path))
+    try:  # the head owns a prefetcher thread and open files: close it on every way out
 
-    def loader_for(epoch: int) -> Any:
-        return build_train_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
-                                  seed=cfg.run.seed, epoch=epoch, rank=env.rank, world_size=env.world_size)
+        def loader_for(epoch: int) -> Any:
+            return build_train_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
+                                      seed=cfg.run.seed, epoch=epoch, rank=env.rank, world_size=env.world_size)
 
-    steps_per_epoch = len(loader_for(0))
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} exceeds the {index.num_samples} samples of "
-                          f"{data_path}; lower the batch size")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    schedule = LRSchedule(cfg.train, total_steps)
-    step = 0
-    ckpt = _find_resume(run_dir, resume)
-    if ckpt is not None:
-        step = _restore(ckpt, cfg, engine, head)
-        print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
+        steps_per_epoch = len(loader_for(0))
+        if steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size = {cfg.train.batch_size} exceeds the {index.num_samples} samples of "
+                              f"{data_path}; lower the batch size")
+        total_steps = cfg.train.epochs * steps_per_epoch
+        if cfg.train.max_steps:
+            total_steps = min(total_steps, cfg.train.max_steps)
+        schedule = LRSchedule(cfg.train, total_steps)
+        step = 0
+        ckpt = _find_resume(run_dir, resume)
+        if ckpt is not None:
+            step = _restore(ckpt, cfg, engine, head)
+            print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
 
-    sink = JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None
-    progress = Progress(total_steps, initial=step, enabled=env.is_main)
-    window_loss: deque[float] = deque(maxlen=cfg.train.log_every)
-    start_step = step
-    t_start = time.perf_counter()
-    t_log, data_time, images_since_log = t_start, 0.0, 0
-    remaining = _epochs(loader_for, total_steps, num_classes, start=step, steps_per_epoch=steps_per_epoch)
-    batches = _with_lookahead(remaining, cfg.cache.lookahead, head.plan)
-    epoch = step // steps_per_epoch
-    skipped = skipped_in_row = 0
-    stop = _GracefulStop()
-    try:
-        while step < total_steps and not stop.requested:
-            t_data = time.perf_counter()
-            epoch, (images_u8, labels_B) = next(batches)
-            data_time += time.perf_counter() - t_data
-            lr = schedule(step)
-            x = normalise_images(images_u8, env.device)
-            labels_dev = labels_B.to(env.device, non_blocking=True)
-            emb_BD = engine.forward(x)
-            loss = head(emb_BD, labels_dev)
-            engine.backward(loss)
-            grad_norm = engine.grad_norm()
-            loss_value = loss.detach().item()
-            if math.isfinite(loss_value) and math.isfinite(grad_norm):
-                engine.step(lr)
-                head.update(lr)
-                skipped_in_row = 0
-            else:  # the guard: nothing is updated from this step, and nothing reaches the bank
-                engine.zero_grad()
-                head.skip()
-                skipped_in_row += 1
-                skipped += 1
-                what = f"step {step}: loss = {loss_value}, gradient norm = {grad_norm}"
-                if cfg.train.nonfinite == "stop" or skipped_in_row >= cfg.train.max_skipped_in_row:
-                    raise NonFiniteError(f"{what} ({skipped_in_row} in a row); stopped before the update. Lower "
-                                         "train.lr, raise train.warmup_steps, or resume from the last checkpoint")
-                warn_once(f"{what}: skipped (train.nonfinite = 'skip'); counted in train/skipped_steps")
-            step += 1
-            images_since_log += labels_B.numel() * env.world_size
-            if math.isfinite(loss_value):
-                window_loss.append(loss_value)
-            metrics = None
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                metrics = {
-                    "epoch": epoch,
-                    "loss": sum(window_loss) / len(window_loss) if window_loss else float("nan"),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "train/skipped_steps": skipped,
-                    "throughput(img/s)": images_since_log / (now - t_log),
-                    "time/data(%)": 100.0 * data_time / (now - t_log),
-                    **head.metrics(),
-                }
-                if env.device.type == "cuda":
-                    metrics["memory/max_reserved(GiB)"] = torch.cuda.max_memory_reserved(env.device) / 2**30
-                if sink is not None:
-                    sink.log(metrics, step)
-                t_log, data_time, images_since_log = now, 0.0, 0
-            progress.update(step, metrics)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                _checkpoint(run_dir, step, epoch, engine, head, cfg)
+        sink = JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None
+        progress = Progress(total_steps, initial=step, enabled=env.is_main)
+        window_loss: deque[float] = deque(maxlen=cfg.train.log_every)
+        start_step = step
+        t_start = time.perf_counter()
+        t_log, data_time, images_since_log = t_start, 0.0, 0
+        remaining = _epochs(loader_for, total_steps, num_classes, start=step, steps_per_epoch=steps_per_epoch)
+        batches = _with_lookahead(remaining, cfg.cache.lookahead, head.plan)
+        epoch = step // steps_per_epoch
+        skipped = skipped_in_row = 0
+        stop = _GracefulStop()
+        try:
+            while step < total_steps and not stop.requested:
+                t_data = time.perf_counter()
+                epoch, (images_u8, labels_B) = next(batches)
+                data_time += time.perf_counter() - t_data
+                lr = schedule(step)
+                x = normalise_images(images_u8, env.device)
+                labels_dev = labels_B.to(env.device, non_blocking=True)
+                emb_BD = engine.forward(x)
+                loss = head(emb_BD, labels_dev)
+                engine.backward(loss)
+                grad_norm = engine.grad_norm()
+                loss_value = loss.detach().item()
+                if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                    engine.step(lr)
+                    head.update(lr)
+                    skipped_in_row = 0
+                else:  # the guard: nothing is updated from this step, and nothing reaches the bank
+                    engine.zero_grad()
+                    head.skip()
+                    skipped_in_row += 1
+                    skipped += 1
+                    what = f"step {step}: loss = {loss_value}, gradient norm = {grad_norm}"
+                    if cfg.train.nonfinite == "stop" or skipped_in_row >= cfg.train.max_skipped_in_row:
+                        raise NonFiniteError(f"{what} ({skipped_in_row} in a row); stopped before the update. Lower "
+                                             "train.lr, raise train.warmup_steps, or resume from the last checkpoint")
+                    warn_once(f"{what}: skipped (train.nonfinite = 'skip'); counted in train/skipped_steps")
+                step += 1
+                images_since_log += labels_B.numel() * env.world_size
+                if math.isfinite(loss_value):
+                    window_loss.append(loss_value)
+                metrics = None
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    metrics = {
+                        "epoch": epoch,
+                        "loss": sum(window_loss) / len(window_loss) if window_loss else float("nan"),
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "train/skipped_steps": skipped,
+                        "throughput(img/s)": images_since_log / (now - t_log),
+                        "time/data(%)": 100.0 * data_time / (now - t_log),
+                        **head.metrics(),
+                    }
+                    if env.device.type == "cuda":
+                        metrics["memory/max_reserved(GiB)"] = torch.cuda.max_memory_reserved(env.device) / 2**30
+                    if sink is not None:
+                        sink.log(metrics, step)
+                    t_log, data_time, images_since_log = now, 0.0, 0
+                progress.update(step, metrics)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                    _checkpoint(run_dir, step, epoch, engine, head, cfg)
+        finally:
+            stop.restore()
+            batches.close()
+            progress.close()
+            if sink is not None:
+                sink.close()
+        elapsed = time.perf_counter() - t_start
+        last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg)
     finally:
-        stop.restore()
-        batches.close()
-        progress.close()
-        if sink is not None:
-            sink.close()
-    elapsed = time.perf_counter() - t_start
-    last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg)
-    head.close()
+        head.close()
 
     result_eval = None
     if stop.requested:
