@@ -33,7 +33,7 @@ import torch
 
 from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
-from offloadfr.data.shards import read_index
+from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.data.synth import generate_synthetic
 from offloadfr.dist import DistEnv
 from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError
@@ -83,8 +83,8 @@ def normalise_images(images_u8: torch.Tensor, device: torch.device) -> torch.Ten
     return images_u8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
 
-def ensure_dataset(cfg: Config, *, is_main: bool = True) -> Path:
-    """Returns the dataset directory, generating the synthetic dataset there first when it is missing and allowed.
+def ensure_dataset(cfg: Config, *, is_main: bool = True) -> DatasetIndex:
+    """Returns the dataset's index, generating the synthetic dataset first when it is missing and allowed.
 
     Raises:
         DataNotFoundError: the dataset is missing and ``data.generate_if_missing`` is false.
@@ -93,8 +93,7 @@ def ensure_dataset(cfg: Config, *, is_main: bool = True) -> Path:
     if not (path / "index.json").exists() and cfg.data.generate_if_missing and is_main:
         print(f"offloadfr: generating the synthetic dataset in {path} ([synth] section)", file=sys.stderr)
         generate_synthetic(path, cfg.synth)
-    read_index(path)  # raises a clear error when absent or malformed
-    return path
+    return read_index(path)  # raises a clear error when absent or malformed
 
 
 def _epochs(loader_for: Callable[[int], Any], total_steps: int, num_classes: int, *, start: int = 0,
@@ -169,8 +168,8 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                            image_size=cfg.model.image_size).to(env.device)
     margin = build_margin(cfg.loss).to(env.device)
-    data_path = ensure_dataset(cfg, is_main=env.is_main)
-    index = read_index(data_path)
+    index = ensure_dataset(cfg, is_main=env.is_main)
+    data_path = Path(cfg.data.path)
     num_classes = index.num_classes
     engine = build_engine(cfg.engine, cfg.train, model, env.device)
     bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
