@@ -84,6 +84,25 @@ class DataCfg:
     """DataLoader worker processes (0 reads in the training process)."""
     shuffle_buffer: int = _field(8192, ge=1)
     """Samples held in the shuffle buffer of each reader."""
+    sampler: Literal["instance", "identity", "attention", "dual", "block"] = "instance"
+    """How samples form batches (docs/data.md): ``instance`` uniform images, streamed shard by shard; ``identity``
+    P = batch_size / K identities × K images; ``attention`` a query image plus ``num_keys`` key images of its identity
+    per item (batches of shape (B, 1+k, 3, S, S), for an AttFC head); ``dual`` an instance batch plus an identity
+    batch of ``dual_identities`` × K images (F2C); ``block`` every image once, identities drawn from a sliding
+    window of ``block_window`` bank blocks so that the nvme tier reads blocks in order."""
+    images_per_identity: int = _field(4, ge=1)
+    """K: images of each identity in an ``identity`` batch and in the identity part of a ``dual`` batch."""
+    dual_identities: int = _field(0, ge=0)
+    """``dual``: identities in the identity part of a batch; 0 = batch_size // images_per_identity."""
+    num_keys: int = _field(2, ge=1)
+    """``attention``: key images per query (AttFC draws 2)."""
+    shard_window: int = _field(4, ge=1)
+    """``identity``, ``attention``, ``dual``: items are mixed among this many neighbouring shards of an
+    epoch-random shard order (the planned samplers' shuffle buffer)."""
+    block_window: int = _field(4, ge=1)
+    """``block``: bank blocks a batch's identities are drawn from (the width of the sliding window)."""
+    block_rows: int = _field(0, ge=0)
+    """``block``: ids per bank block; 0 = the bank's ``chunk_rows`` (bank.chunk_rows, or its automatic value)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -1,4 +1,8 @@
-"""The training loader: uniform-instance batches read from identity-grouped WebDataset shards.
+"""The training loader: batches read from identity-grouped WebDataset shards, in the order of ``data.sampler``.
+
+This module streams the ``instance`` sampler (uniform images, below) and dispatches the other samplers to
+``offloadfr.data.samplers``, which plans them from ``index.json`` (docs/data.md). Both give every rank the same number
+of steps and never the same sample to two readers.
 
 Each epoch, the shards are put in an order drawn from ``(seed, epoch)`` and their samples, so ordered, are treated as
 one virtual sequence. The first ``steps_per_epoch * batch_size * world_size`` of them are cut into one contiguous
@@ -16,8 +20,9 @@ sequential. Tar parsing and the shuffle buffer are webdataset's (``tar_file_expa
 ``shuffle``); the split is ours.
 
 Corrupt samples (an undecodable JPEG, a bad ``cls``, a truncated tar) are skipped, counted
-(``TrainLoader.num_skipped``) and logged, and their place in the batch is taken by a copy of the next good sample of
-the same reader (re-flipped), so the batch count stays exact. A reader whose samples are all unreadable raises
+(``TrainLoader.num_skipped``, which the trainer logs as ``data/skipped``) and warned about once per dataset (later
+ones are only counted), and their place in the batch is taken by a copy of the next good sample of the same reader
+(re-flipped), so the batch count stays exact. A reader whose samples are all unreadable raises
 :class:`~offloadfr.errors.DataError`.
 
 Batches are a function of ``(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer)`` and the
@@ -42,13 +47,14 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from offloadfr.config import DataCfg
+from offloadfr.data.samplers import PlannedDataset, SamplerSpec, plan_epoch
 from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.errors import ConfigError, DataError
 
-__all__ = ["build_train_loader", "TrainLoader"]
+__all__ = ["build_train_loader", "sampler_spec", "TrainLoader"]
 
 _log = logging.getLogger(__name__)
-_MAX_WARNINGS = 5  # per reader; the count goes on in TrainLoader.num_skipped
+_WARNED: set[str] = set()  # datasets whose first corrupt sample was warned about (once per process)
 _STREAM_ORDER = 0x0D47A  # keeps the data-order stream apart from other users of (seed, epoch)
 
 
@@ -134,7 +140,8 @@ def _decode(sample: dict[str, Any], image_size: int) -> tuple[np.ndarray, int]:
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
-    """One rank's epoch as an iterable of ``(images_u8 (B,3,S,S), labels (B,), num_bad)`` from each worker."""
+    """One rank's epoch as an iterable of ``(images_u8 (B,3,S,S), labels (B,), num_bad, note)`` from each worker
+    (``note`` describes the batch's first corrupt sample, or is empty)."""
 
     def __init__(self, *, segments: list[list[_Segment]], batches: list[int], batch_size: int, image_size: int,
                  shuffle_buffer: int, seed: int, epoch: int, rank: int) -> None:
@@ -148,7 +155,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         self.epoch = epoch
         self.rank = rank
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         num_readers = info.num_workers if info is not None else 1
@@ -159,7 +166,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         for seg in self.segments[worker]:
             yield from _read_segment(seg)
 
-    def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
         want = self.batches[worker] * self.batch_size
         if want == 0:
             return
@@ -172,7 +179,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         size = self.image_size
         images = np.empty((self.batch_size, size, size, 3), np.uint8)
         labels = np.empty(self.batch_size, np.int64)
-        filled = num_bad = warned = produced = 0
+        filled = num_bad = produced = 0
+        note = ""
         owed = 0  # corrupt samples waiting for a substitute
         last: tuple[np.ndarray, int] | None = None
         for sample in mixed:
@@ -181,10 +189,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
             except Exception as exn:  # PIL raises many types on corrupt data; never fatal
                 num_bad += 1
                 owed += 1
-                if warned < _MAX_WARNINGS:
-                    warned += 1
-                    _log.warning("skipping corrupt sample %s in %s (%s: %s); a copy of another sample takes its "
-                                 "place", sample.get("__key__"), sample.get("__url__"), type(exn).__name__, exn)
+                if not note:
+                    note = f"{sample.get('__key__')} in {sample.get('__url__')} ({type(exn).__name__}: {exn})"
                 continue
             last = item
             for _ in range(1 + owed):
@@ -194,8 +200,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
                 filled += 1
                 produced += 1
                 if filled == self.batch_size:
-                    yield self._emit(images, labels, num_bad)
+                    yield self._emit(images, labels, num_bad, note)
                     filled = num_bad = 0
+                    note = ""
             owed = 0
         if owed:
             if last is None:
@@ -208,26 +215,30 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
                 filled += 1
                 produced += 1
                 if filled == self.batch_size:
-                    yield self._emit(images, labels, num_bad)
+                    yield self._emit(images, labels, num_bad, note)
                     filled = num_bad = 0
+                    note = ""
         assert produced == want and filled == 0, f"reader produced {produced} of {want} samples"
 
     @staticmethod
-    def _emit(images_BHWC: np.ndarray, labels: np.ndarray, num_bad: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _emit(images_BHWC: np.ndarray, labels: np.ndarray, num_bad: int,
+              note: str) -> tuple[torch.Tensor, torch.Tensor, int, str]:
         images_u8 = torch.from_numpy(np.ascontiguousarray(images_BHWC.transpose(0, 3, 1, 2)))
-        return images_u8, torch.from_numpy(labels.copy()), num_bad
+        return images_u8, torch.from_numpy(labels.copy()), num_bad, note
 
 
 class TrainLoader:
     """One rank's epoch of training batches; iterate it to get ``(images_u8, labels)``.
 
-    ``images_u8`` is uint8 ``(B, 3, S, S)`` (RGB, randomly flipped), ``labels`` int64 ``(B,)``. Every rank yields
-    exactly ``len(loader) == steps_per_epoch`` full batches. Iterating the same loader again replays the same epoch.
+    For the ``instance`` and ``block`` samplers ``images_u8`` is uint8 ``(B, 3, S, S)`` (RGB, randomly flipped) and
+    ``labels`` int64 ``(B,)``; the other samplers' layouts are in docs/data.md (``labels`` always holds the id of
+    every image). Every rank yields exactly ``len(loader) == steps_per_epoch`` batches. Iterating the same loader
+    again replays the same epoch.
 
     Attributes:
         index: the dataset index.
         steps_per_epoch: batches per epoch on every rank.
-        batch_size: samples per batch on this rank.
+        batch_size: images per batch on this rank (``attention``: items of 1 + k images).
         num_skipped: corrupt samples replaced so far (summed over iterations of this loader).
 
     Example::
@@ -237,12 +248,12 @@ class TrainLoader:
             ...
     """
 
-    def __init__(self, dataset: _EpochDataset, *, index: DatasetIndex, steps_per_epoch: int, num_workers: int,
-                 pin_memory: bool) -> None:
+    def __init__(self, dataset: torch.utils.data.IterableDataset, *, index: DatasetIndex,  # type: ignore[type-arg]
+                 steps_per_epoch: int, batch_size: int, num_workers: int, pin_memory: bool) -> None:
         self._dataset = dataset
         self.index = index
         self.steps_per_epoch = steps_per_epoch
-        self.batch_size = dataset.batch_size
+        self.batch_size = batch_size
         self.num_skipped = 0
         self._num_workers = num_workers
         self._pin_memory = pin_memory
@@ -260,33 +271,81 @@ class TrainLoader:
             self._dataset, batch_size=None, num_workers=self._num_workers, pin_memory=self._pin_memory,
             prefetch_factor=4 if self._num_workers > 0 else None)
         count = 0
-        for images_u8, labels, num_bad in loader:
+        for images_u8, labels, num_bad, note in loader:
             if num_bad:
                 self.num_skipped += int(num_bad)
+                root = str(self.index.root)
+                if root not in _WARNED:
+                    _WARNED.add(root)
+                    _log.warning("skipping corrupt sample %s; a copy of another sample takes its place. Further "
+                                 "corrupt samples of %s are counted in data/skipped without a warning", note, root)
             count += 1
             yield images_u8, labels
         assert count == self.steps_per_epoch, f"loader yielded {count} of {self.steps_per_epoch} batches"
 
 
-def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                       world_size: int = 1, pin_memory: bool = False) -> TrainLoader:
-    """Builds one rank's loader for one epoch of the dataset at ``cfg.path``.
+def sampler_spec(cfg: DataCfg, *, batch_size: int, block_rows: int = 0) -> SamplerSpec:
+    """The resolved parameters of a planned sampler (``identity``, ``attention``, ``dual``, ``block``).
 
     Args:
-        cfg: the [data] section (path, workers, shuffle buffer).
+        cfg: the [data] section.
+        batch_size: ``train.batch_size``.
+        block_rows: ids per bank block, used by ``block`` when ``cfg.block_rows`` is 0.
+
+    Returns:
+        The spec.
+
+    Raises:
+        ConfigError: ``batch_size`` is not a multiple of ``data.images_per_identity`` (``identity``), or the block
+            size is unknown (``block``).
+    """
+    k = cfg.images_per_identity
+    if cfg.sampler == "identity":
+        if batch_size % k:
+            raise ConfigError(f"data.sampler = 'identity' with train.batch_size = {batch_size} and "
+                              f"data.images_per_identity = {k}: the batch must be a whole number of identities; "
+                              f"set train.batch_size to a multiple of {k}")
+        return SamplerSpec(kind="identity", batch_size=batch_size, images_per_identity=k,
+                           num_identities=batch_size // k, window=cfg.shard_window)
+    if cfg.sampler == "attention":
+        return SamplerSpec(kind="attention", batch_size=batch_size, num_keys=cfg.num_keys, window=cfg.shard_window)
+    if cfg.sampler == "dual":
+        p = cfg.dual_identities or max(1, batch_size // k)
+        return SamplerSpec(kind="dual", batch_size=batch_size, images_per_identity=k, num_identities=p,
+                           window=cfg.shard_window)
+    if cfg.sampler == "block":
+        rows = cfg.block_rows or block_rows
+        if rows < 1:
+            raise ConfigError("data.sampler = 'block' needs the bank's block size: set data.block_rows (e.g. to "
+                              "bank.chunk_rows)")
+        return SamplerSpec(kind="block", batch_size=batch_size, window=cfg.block_window, block_rows=rows)
+    raise ConfigError(f"data.sampler = {cfg.sampler!r} is not a planned sampler")
+
+
+def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                       world_size: int = 1, pin_memory: bool = False, block_rows: int = 0) -> TrainLoader:
+    """Builds one rank's loader for one epoch of the dataset at ``cfg.path``, in the order of ``cfg.sampler``.
+
+    Args:
+        cfg: the [data] section (path, workers, shuffle buffer, sampler and its parameters).
         image_size: side of the images returned; stored images of another size are resized (bilinear).
-        batch_size: samples per batch on this rank.
+        batch_size: ``train.batch_size``: images per batch on this rank (``attention``: query items; ``dual``: the
+            instance part).
         seed: data-order and flip seed.
         epoch: epoch number; each epoch has its own order.
         rank: this process's rank in ``[0, world_size)``.
         world_size: number of ranks; ranks read disjoint samples.
         pin_memory: pin batches in page-locked memory (for asynchronous host-to-GPU copies).
+        block_rows: ids per bank block for ``sampler = "block"`` when ``cfg.block_rows`` is 0 (the trainer passes
+            the bank's ``chunk_rows``).
 
     Returns:
-        The loader; ``len(loader) == num_samples // (batch_size * world_size)`` on every rank.
+        The loader; every rank gets the same ``len(loader)`` (``instance``: ``num_samples // (batch_size *
+        world_size)``).
 
     Raises:
-        ConfigError: ``batch_size``, ``image_size``, ``rank`` or ``world_size`` out of range.
+        ConfigError: ``batch_size``, ``image_size``, ``rank`` or ``world_size`` out of range, or sampler parameters
+            that do not fit the batch or the dataset.
         DataNotFoundError: the dataset directory, its ``index.json`` or a shard is missing.
         DataError: the index is malformed or empty.
     """
@@ -296,8 +355,16 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
         raise ConfigError(f"rank = {rank}, world_size = {world_size}; need world_size >= 1 and 0 <= rank < "
                           "world_size")
     index = read_index(os.fspath(cfg.path))
+    if cfg.sampler != "instance":
+        spec = sampler_spec(cfg, batch_size=batch_size, block_rows=block_rows)
+        plan = plan_epoch(index, spec, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+        planned = PlannedDataset(index, spec, plan, image_size=image_size, seed=seed, epoch=epoch)
+        planned.prepare()
+        return TrainLoader(planned, index=index, steps_per_epoch=plan.steps, batch_size=batch_size,
+                           num_workers=cfg.num_workers, pin_memory=pin_memory)
     steps, segments, batches = _plan_readers(index, batch_size=batch_size, seed=seed, epoch=epoch,
                                             world_size=world_size, num_workers=cfg.num_workers)
     dataset = _EpochDataset(segments=segments[rank], batches=batches[rank], batch_size=batch_size,
                             image_size=image_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank)
-    return TrainLoader(dataset, index=index, steps_per_epoch=steps, num_workers=cfg.num_workers, pin_memory=pin_memory)
+    return TrainLoader(dataset, index=index, steps_per_epoch=steps, batch_size=batch_size,
+                       num_workers=cfg.num_workers, pin_memory=pin_memory)

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from offloadfr.bank.zarr_bank import auto_chunk_rows
 from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import DatasetIndex, read_index
@@ -176,10 +177,18 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path))
     try:  # the head owns a prefetcher thread and open files: close it on every way out
+        if cfg.data.sampler == "attention":
+            raise ConfigError("data.sampler = 'attention' gives (B, 1+k, 3, S, S) query+key batches, which only an "
+                              "AttFC head consumes and none is available yet; use another data.sampler")
+        block_rows = min(num_classes, cfg.bank.chunk_rows) or auto_chunk_rows(num_classes, cfg.model.embedding_size)
+        loaders: list[Any] = []  # this run's loaders, for their count of skipped corrupt samples (data/skipped)
 
         def loader_for(epoch: int) -> Any:
-            return build_train_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
-                                      seed=cfg.run.seed, epoch=epoch, rank=env.rank, world_size=env.world_size)
+            loader = build_train_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
+                                        seed=cfg.run.seed, epoch=epoch, rank=env.rank, world_size=env.world_size,
+                                        block_rows=block_rows)
+            loaders.append(loader)
+            return loader
 
         steps_per_epoch = len(loader_for(0))
         if steps_per_epoch == 0:
@@ -246,6 +255,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "train/skipped_steps": skipped,
+                        "data/skipped": sum(x.num_skipped for x in loaders),
                         "throughput(img/s)": images_since_log / (now - t_log),
                         "time/data(%)": 100.0 * data_time / (now - t_log),
                         **head.metrics(),
