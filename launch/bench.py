@@ -6,6 +6,11 @@
 embeddings, for each head and each number of classes. Each configuration runs in its own subprocess so that peak
 host memory (ru_maxrss) and peak device memory belong to that configuration alone. A configuration that runs out of
 memory is reported as a row with ``"status": "oom"``, not as a crash.
+
+    python launch/bench.py data --data-path data/synth_tiny --num-workers 2
+
+``data``: decoded, augmented images/s of our training loader against a plain ``webdataset.WebDataset`` pipeline
+doing the same decoding and flips with the same workers, alternating rounds in one run (offloadfr/data/bench.py).
 """
 
 from __future__ import annotations
@@ -141,6 +146,18 @@ def _cmd_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from offloadfr.config import DataCfg
+    from offloadfr.data.bench import measure_data_pipelines
+
+    cfg = DataCfg(path=args.data_path, generate_if_missing=False, num_workers=args.num_workers,
+                  sampler=args.sampler, block_rows=128)
+    row = measure_data_pipelines(cfg, image_size=args.image_size, batch_size=args.batch_size,
+                                 num_batches=args.num_batches, rounds=args.rounds)
+    _emit({**row, "env": _versions()}, args.out)
+    return 0
+
+
 def _emit(row: dict[str, Any], out: str | None) -> None:
     line = json.dumps(row)
     print(line, flush=True)
@@ -191,6 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bank-dir", default="", help="where partial_fc banks are created (an NVMe path for nvme)")
     p.add_argument("--out", help="append the JSON rows to this file")
     p.set_defaults(func=_cmd_head)
+    p = sub.add_parser("data", help="images/s of our data pipeline vs a plain webdataset pipeline, side by side")
+    p.add_argument("--data-path", default="data/synth_tiny", help="dataset directory (offloadfr synth makes one)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-batches", type=int, default=150, help="batches timed per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sampler", default="instance", help="data.sampler of our pipeline")
+    p.add_argument("--out", help="append the JSON row to this file")
+    p.set_defaults(func=_cmd_data)
     p = sub.add_parser("table", help="markdown table of a results JSONL file")
     p.add_argument("file")
     p.set_defaults(func=_cmd_table)

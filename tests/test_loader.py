@@ -173,3 +173,14 @@ def test_corrupt_jpeg_and_truncated_shard_are_skipped(dataset: Path, tmp_path: P
     assert all(images_u8.shape[0] == 5 for images_u8, _ in batches)
     assert loader.num_skipped >= 2  # the bad JPEG and at least one sample of the truncated shard
     assert loader.num_skipped < index.shards[-1].num_samples + 2
+
+
+def test_data_bench_measures_both_pipelines(dataset: Path) -> None:
+    """Catches `launch/bench.py data` timing nothing, or a plain webdataset pipeline that yields another batch layout
+    than ours (the bench asserts uint8 (B, 3, S, S) tensors from both)."""
+    from offloadfr.data.bench import measure_data_pipelines
+
+    row = measure_data_pipelines(_cfg(dataset), image_size=16, batch_size=8, num_batches=4, rounds=1)
+    assert row["num_batches"] == 4 and row["num_workers"] == 2
+    assert row["ours_img_per_s"] > 0 and row["plain_img_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["ours_img_per_s"] / row["plain_img_per_s"])

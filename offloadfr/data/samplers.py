@@ -256,28 +256,64 @@ class _Member:
 
 
 def member_table(path: Path) -> dict[str, _Member]:
-    """Sample key -> where its members lie in the tar, from the tar headers (a truncated tail is left out)."""
+    """Sample key -> where its members lie in the tar, from the tar headers (a truncated tail is left out).
+
+    Reads only the 512-byte headers (a seek past each member's data). USTAR headers, as :class:`ShardWriter` writes
+    them, are parsed here directly; a tar with other header types (pax, GNU long names) is read with ``tarfile``.
+    """
     size = path.stat().st_size
-    table: dict[str, _Member] = {}
+    entries: list[tuple[str, int, int, int]] = []  # name, header offset, data offset, data size
+    try:
+        with open(path, "rb") as f:
+            pos = 0
+            while pos + 512 <= size:
+                f.seek(pos)
+                header = f.read(512)
+                if header == b"\0" * 512 or len(header) < 512:
+                    break
+                kind = header[156:157]
+                if kind not in (b"0", b"\0"):
+                    if kind in (b"x", b"g", b"L", b"K"):
+                        return _member_table_tarfile(path, size)
+                name = header[:100].rstrip(b"\0").decode("utf-8")
+                prefix = header[345:500].rstrip(b"\0").decode("utf-8") if header[257:262] == b"ustar" else ""
+                n = int(header[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+                if kind in (b"0", b"\0"):
+                    entries.append((f"{prefix}/{name}" if prefix else name, pos, pos + 512, n))
+                pos += 512 + -(-n // 512) * 512
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass  # garbled: what was read so far stands; the rest is reported as corrupt when read
+    return _group_members(entries, size)
+
+
+def _member_table_tarfile(path: Path, size: int) -> dict[str, _Member]:
+    entries = []
     try:
         with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                if not info.isfile() or info.offset_data + info.size > size:
-                    continue
-                base = info.name.rsplit("/", 1)
-                stem, dot, ext = base[-1].partition(".")
-                if not dot:
-                    continue
-                key = (base[0] + "/" if len(base) == 2 else "") + stem
-                end = info.offset_data + info.size
-                old = table.get(key)
-                if old is None:
-                    table[key] = _Member(info.offset, end, {ext: (info.offset_data, info.size)})
-                else:
-                    old.data[ext] = (info.offset_data, info.size)
-                    table[key] = _Member(old.lo, max(old.hi, end), old.data)
+            entries = [(info.name, info.offset, info.offset_data, info.size) for info in tar if info.isfile()]
     except (tarfile.TarError, OSError, EOFError):
-        pass  # garbled or truncated: samples not listed are reported as corrupt when read
+        pass
+    return _group_members(entries, size)
+
+
+def _group_members(entries: list[tuple[str, int, int, int]], size: int) -> dict[str, _Member]:
+    """Members grouped into samples by key (the name up to the first dot of its last part, as webdataset does)."""
+    table: dict[str, _Member] = {}
+    for name, offset, offset_data, n in entries:
+        if offset_data + n > size:  # cut off by truncation
+            continue
+        head, slash, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            continue
+        key = head + slash + stem
+        end = offset_data + n
+        old = table.get(key)
+        if old is None:
+            table[key] = _Member(offset, end, {ext: (offset_data, n)})
+        else:
+            old.data[ext] = (offset_data, n)
+            table[key] = _Member(old.lo, max(old.hi, end), old.data)
     return table
 
 
@@ -314,8 +350,7 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
         self.epoch = epoch
         self.paths = [s.path for s in index.shards]
         self.starts = np.concatenate([[0], np.cumsum([s.num_samples for s in index.shards])]).astype(np.int64)
-        self.keys = [[sample_key(i, n) for i, c in zip(s.ids, s.counts, strict=True) for n in range(c)]
-                     for s in index.shards]
+        self.ids = _Identities(index)
         self._files: dict[int, BinaryIO] = {}
 
     def prepare(self) -> None:
@@ -337,6 +372,11 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
                 f.close()
             self._files.clear()
 
+    def _key(self, g: int) -> str:
+        """The tar key of global sample number ``g``."""
+        row = int(self.ids.of_sample[g])
+        return sample_key(int(self.ids.label[row]), g - int(self.ids.first[row]))
+
     def _file(self, shard: int) -> BinaryIO:
         if shard not in self._files:
             if len(self._files) >= _MAX_OPEN:
@@ -356,7 +396,7 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
             j = i
             members = []
             while j < len(unique) and int(shards[j]) == s and (j == i or unique[j] == unique[j - 1] + 1):
-                key = self.keys[s][int(unique[j] - self.starts[s])]
+                key = self._key(int(unique[j]))
                 m = table.get(key)
                 if m is None:
                     if j == i:
