@@ -113,3 +113,92 @@ def measure_data_pipelines(cfg: DataCfg, *, image_size: int, batch_size: int, nu
         "ours_img_per_s": ours_rate, "plain_img_per_s": plain_rate, "ratio": ours_rate / plain_rate,
         "ours_rounds": rates["ours"], "plain_rounds": rates["plain"],
     }
+
+
+def replay_bank_traffic(label_batches: list[torch.Tensor], *, num_classes: int, dim: int, chunk_rows: int,
+                        cache_blocks: int, num_slots: int, lookahead: int, bank_dir: str,
+                        settle_s: float = 0.01) -> dict[str, float]:
+    """Bank traffic of a ``partial_fc`` head on the nvme tier fed with ``label_batches`` (random embeddings).
+
+    The head plans ``lookahead`` batches ahead as the trainer does; only the ids matter for the traffic, so the
+    embeddings are random and no backbone runs. Each step waits ``settle_s`` so that evicted rows reach the bank
+    before the next fetches, as in training (where a step takes far longer than a write-back); without it, rows
+    evicted a step ago are served from the write-behind queue and the bank sees fewer reads than in training.
+
+    Returns:
+        Per step: ``bank/rows_read`` and ``bank/bytes_read`` (the head's metrics: rows fetched from the bank into
+        the device container), ``prefetch/rows_from_pending`` (fetched rows served by the write-behind queue
+        instead; the split between the two depends on timing, their sum does not) and ``bank/block_reads`` (blocks
+        the nvme tier read from Zarr or generated on first touch, from the bank's counters).
+    """
+    from pathlib import Path
+
+    from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg
+    from offloadfr.heads import HeadDeps, build_head
+    from offloadfr.losses import build_margin
+
+    device = torch.device("cpu")
+    cache = CacheCfg(num_slots=num_slots, lookahead=lookahead)
+    deps = HeadDeps(margin=build_margin(LossCfg(kind="arcface", s=32.0, arcface_m=0.3)), num_classes=num_classes,
+                    dim=dim, device=device, bank=BankCfg(tier="nvme", chunk_rows=chunk_rows, cache_blocks=cache_blocks),
+                    cache=cache, bank_path=Path(bank_dir))
+    head = build_head(HeadCfg(kind="partial_fc"), deps)
+    gen = torch.Generator().manual_seed(0)
+    moved = {"bank/rows_read": 0.0, "bank/bytes_read": 0.0, "prefetch/rows_from_pending": 0.0}
+    try:
+        for labels in label_batches[:lookahead]:
+            head.plan(labels)
+        for step, labels in enumerate(label_batches):
+            if step + lookahead < len(label_batches):
+                head.plan(label_batches[step + lookahead])
+            emb = torch.randn(labels.numel(), dim, generator=gen).requires_grad_(True)
+            head(emb, labels).backward()
+            head.update(0.1)
+            time.sleep(settle_s)  # a training step lasts long enough for the write-behind queue to drain
+            m = head.metrics()
+            for k in moved:
+                moved[k] += float(m[k])
+        stats = head.bank.stats()  # type: ignore[attr-defined]
+    finally:
+        head.close()
+    steps = max(1, len(label_batches))
+    blocks = stats["bank/blocks_loaded"] + stats["bank/blocks_initialised"]
+    return {**{f"{k}_per_step": v / steps for k, v in moved.items()}, "bank/block_reads_per_step": blocks / steps}
+
+
+def _bank_order_main(argv: list[str]) -> None:
+    """``python -m offloadfr.data.bench bank-order DATA``: one epoch of instance vs block order through the nvme tier
+    of ds_configs/runs/synth_tiny_pfc_nvme.toml (128 ids per block, 8 blocks in RAM, 1024 slots, D = 128)."""
+    import json
+    import tempfile
+
+    from offloadfr.data.loader import sampler_spec
+    from offloadfr.data.samplers import plan_epoch
+
+    path = argv[0] if argv else "data/synth_tiny"
+    index = read_index(path)
+    rows, dim, batch = 128, 128, 128
+    orders: dict[str, list[torch.Tensor]] = {
+        "instance": [y for _, y in build_train_loader(DataCfg(path=path, num_workers=2), image_size=8,
+                                                       batch_size=batch, seed=0, epoch=0)]}
+    for window in (4, 16):
+        spec = sampler_spec(DataCfg(path=path, sampler="block", block_rows=rows, block_window=window),
+                            batch_size=batch)
+        plan = plan_epoch(index, spec, seed=0, epoch=0, rank=0, world_size=1)
+        orders[f"block(window={window})"] = [torch.from_numpy(y) for y in plan.labels]
+    for name, labels in orders.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            row = replay_bank_traffic(labels, num_classes=index.num_classes, dim=dim, chunk_rows=rows,
+                                      cache_blocks=8, num_slots=1024, lookahead=2, bank_dir=f"{tmp}/bank")
+        blocks = [len(torch.unique(y // rows)) for y in labels]
+        print(json.dumps({"bench": "bank_order", "order": name, "steps": len(labels),
+                          "blocks_per_batch": sum(blocks) / len(blocks), **row}))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["bank-order"]:
+        _bank_order_main(sys.argv[2:])
+    else:
+        raise SystemExit("usage: python -m offloadfr.data.bench bank-order [DATA]")

@@ -199,7 +199,7 @@ def plan_epoch(index: DatasetIndex, spec: SamplerSpec, *, seed: int, epoch: int,
             items = np.concatenate([queries[:, None], ids.first[row][:, None] + key_offset], axis=1)
             batches = items.reshape(num_batches, b * (1 + k))
         else:
-            batches = _dual(rng, ids, spec, num_shards, queries.reshape(num_batches, b), seed, epoch,
+            batches = _dual(ids, spec, num_shards, queries.reshape(num_batches, b), seed, epoch,
                             num_needed=(num_batches // world_size) * world_size)
         unit = f"{b} images"
     elif spec.kind == "block":
@@ -224,7 +224,7 @@ def plan_epoch(index: DatasetIndex, spec: SamplerSpec, *, seed: int, epoch: int,
     return EpochPlan(steps=steps, refs=refs, labels=labels, global_batches=mine)
 
 
-def _dual(rng: np.random.Generator, ids: _Identities, spec: SamplerSpec, num_shards: int, instance: np.ndarray,
+def _dual(ids: _Identities, spec: SamplerSpec, num_shards: int, instance: np.ndarray,
           seed: int, epoch: int, *, num_needed: int) -> np.ndarray:
     """Instance batches (T, B) joined with identity batches drawn from cycles of the identity sampler."""
     parts: list[np.ndarray] = []
