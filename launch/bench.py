@@ -151,7 +151,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from offloadfr.data.bench import measure_data_pipelines
 
     cfg = DataCfg(path=args.data_path, generate_if_missing=False, num_workers=args.num_workers,
-                  sampler=args.sampler, block_rows=128)
+                  sampler=args.sampler, block_rows=128, block_window=8)
     row = measure_data_pipelines(cfg, image_size=args.image_size, batch_size=args.batch_size,
                                  num_batches=args.num_batches, rounds=args.rounds)
     _emit({**row, "env": _versions()}, args.out)

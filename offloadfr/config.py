@@ -99,8 +99,9 @@ class DataCfg:
     shard_window: int = _field(4, ge=1)
     """``identity``, ``attention``, ``dual``: items are mixed among this many neighbouring shards of an
     epoch-random shard order (the planned samplers' shuffle buffer)."""
-    block_window: int = _field(4, ge=1)
-    """``block``: bank blocks a batch's identities are drawn from (the width of the sliding window)."""
+    block_window: int = _field(0, ge=0)
+    """``block``: bank blocks a batch's identities are drawn from (the width of the sliding window); 0 = the blocks
+    the nvme tier keeps in RAM (``bank.cache_blocks``)."""
     block_rows: int = _field(0, ge=0)
     """``block``: ids per bank block; 0 = the bank's ``chunk_rows`` (bank.chunk_rows, or its automatic value)."""
 

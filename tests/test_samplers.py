@@ -71,7 +71,7 @@ def _epoch(path: Path, sampler: str, *, batch_size: int = 6, seed: int = 0, epoc
     out = []
     for rank in range(WORLD):
         loader = build_train_loader(_cfg(path, sampler, **kw), image_size=16, batch_size=batch_size, seed=seed,
-                                    epoch=epoch, rank=rank, world_size=WORLD, block_rows=4)
+                                    epoch=epoch, rank=rank, world_size=WORLD, block_rows=4, block_window=3)
         batches = list(loader)
         assert len(batches) == len(loader)
         out.append(batches)
@@ -250,7 +250,8 @@ def test_corrupt_samples_skipped_counted_warned_once(dataset: Path, tmp_path: Pa
     or a warning per corrupt sample instead of one."""
     copy, truncated = _corrupt(Path(shutil.copytree(dataset, tmp_path / "copy")))
     caplog.set_level(logging.WARNING, logger="offloadfr.data.loader")
-    loader = build_train_loader(_cfg(copy, sampler), image_size=16, batch_size=8, seed=0, epoch=0, block_rows=4)
+    loader = build_train_loader(_cfg(copy, sampler), image_size=16, batch_size=8, seed=0, epoch=0, block_rows=4,
+                                block_window=3)
     batches = list(loader)
     assert len(batches) == len(loader) and all(x.shape[0] == 8 for x, _ in batches)
     assert 2 <= loader.num_skipped <= truncated + 2

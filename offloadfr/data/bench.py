@@ -89,14 +89,15 @@ def measure_data_pipelines(cfg: DataCfg, *, image_size: int, batch_size: int, nu
 
     def ours() -> Iterable[Any]:
         return build_train_loader(cfg, image_size=image_size, batch_size=batch_size, seed=0, epoch=0,
-                                  block_rows=max(1, cfg.block_rows))
+                                  block_rows=max(1, cfg.block_rows), block_window=max(1, cfg.block_window))
 
     def plain() -> Iterable[Any]:
         return _plain_loader(urls, image_size=image_size, batch_size=batch_size, num_workers=cfg.num_workers,
                              shuffle_buffer=cfg.shuffle_buffer)
 
     num_batches = min(num_batches, len(build_train_loader(cfg, image_size=image_size, batch_size=batch_size,
-                                                          seed=0, epoch=0, block_rows=max(1, cfg.block_rows))))
+                                                          seed=0, epoch=0, block_rows=max(1, cfg.block_rows),
+                                                          block_window=max(1, cfg.block_window))))
     _time(ours(), num_batches)  # warm-up: page cache, imports, PIL
     _time(plain(), num_batches)
     rates: dict[str, list[float]] = {"ours": [], "plain": []}
@@ -181,7 +182,7 @@ def _bank_order_main(argv: list[str]) -> None:
     orders: dict[str, list[torch.Tensor]] = {
         "instance": [y for _, y in build_train_loader(DataCfg(path=path, num_workers=2), image_size=8,
                                                        batch_size=batch, seed=0, epoch=0)]}
-    for window in (4, 16):
+    for window in (4, 8, 16):
         spec = sampler_spec(DataCfg(path=path, sampler="block", block_rows=rows, block_window=window),
                             batch_size=batch)
         plan = plan_epoch(index, spec, seed=0, epoch=0, rank=0, world_size=1)

@@ -284,13 +284,14 @@ class TrainLoader:
         assert count == self.steps_per_epoch, f"loader yielded {count} of {self.steps_per_epoch} batches"
 
 
-def sampler_spec(cfg: DataCfg, *, batch_size: int, block_rows: int = 0) -> SamplerSpec:
+def sampler_spec(cfg: DataCfg, *, batch_size: int, block_rows: int = 0, block_window: int = 0) -> SamplerSpec:
     """The resolved parameters of a planned sampler (``identity``, ``attention``, ``dual``, ``block``).
 
     Args:
         cfg: the [data] section.
         batch_size: ``train.batch_size``.
         block_rows: ids per bank block, used by ``block`` when ``cfg.block_rows`` is 0.
+        block_window: window width in blocks, used by ``block`` when ``cfg.block_window`` is 0.
 
     Returns:
         The spec.
@@ -315,15 +316,18 @@ def sampler_spec(cfg: DataCfg, *, batch_size: int, block_rows: int = 0) -> Sampl
                            window=cfg.shard_window)
     if cfg.sampler == "block":
         rows = cfg.block_rows or block_rows
-        if rows < 1:
-            raise ConfigError("data.sampler = 'block' needs the bank's block size: set data.block_rows (e.g. to "
-                              "bank.chunk_rows)")
-        return SamplerSpec(kind="block", batch_size=batch_size, window=cfg.block_window, block_rows=rows)
+        window = cfg.block_window or block_window
+        if rows < 1 or window < 1:
+            raise ConfigError(f"data.sampler = 'block' needs the bank's block size and window (got {rows} ids per "
+                              f"block, a window of {window} blocks): set data.block_rows (e.g. to bank.chunk_rows) "
+                              "and data.block_window (e.g. to bank.cache_blocks)")
+        return SamplerSpec(kind="block", batch_size=batch_size, window=window, block_rows=rows)
     raise ConfigError(f"data.sampler = {cfg.sampler!r} is not a planned sampler")
 
 
 def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                       world_size: int = 1, pin_memory: bool = False, block_rows: int = 0) -> TrainLoader:
+                       world_size: int = 1, pin_memory: bool = False, block_rows: int = 0,
+                       block_window: int = 0) -> TrainLoader:
     """Builds one rank's loader for one epoch of the dataset at ``cfg.path``, in the order of ``cfg.sampler``.
 
     Args:
@@ -338,6 +342,8 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
         pin_memory: pin batches in page-locked memory (for asynchronous host-to-GPU copies).
         block_rows: ids per bank block for ``sampler = "block"`` when ``cfg.block_rows`` is 0 (the trainer passes
             the bank's ``chunk_rows``).
+        block_window: window width in blocks for ``sampler = "block"`` when ``cfg.block_window`` is 0 (the trainer
+            passes ``bank.cache_blocks``).
 
     Returns:
         The loader; every rank gets the same ``len(loader)`` (``instance``: ``num_samples // (batch_size *
@@ -356,7 +362,7 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
                           "world_size")
     index = read_index(os.fspath(cfg.path))
     if cfg.sampler != "instance":
-        spec = sampler_spec(cfg, batch_size=batch_size, block_rows=block_rows)
+        spec = sampler_spec(cfg, batch_size=batch_size, block_rows=block_rows, block_window=block_window)
         plan = plan_epoch(index, spec, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
         planned = PlannedDataset(index, spec, plan, image_size=image_size, seed=seed, epoch=epoch)
         planned.prepare()

@@ -186,7 +186,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
         def loader_for(epoch: int) -> Any:
             loader = build_train_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
                                         seed=cfg.run.seed, epoch=epoch, rank=env.rank, world_size=env.world_size,
-                                        block_rows=block_rows)
+                                        block_rows=block_rows, block_window=cfg.bank.cache_blocks)
             loaders.append(loader)
             return loader
 
