@@ -117,14 +117,14 @@ def measure_data_pipelines(cfg: DataCfg, *, image_size: int, batch_size: int, nu
 
 
 def replay_bank_traffic(label_batches: list[torch.Tensor], *, num_classes: int, dim: int, chunk_rows: int,
-                        cache_blocks: int, num_slots: int, lookahead: int, bank_dir: str,
-                        settle_s: float = 0.01) -> dict[str, float]:
+                        cache_blocks: int, num_slots: int, lookahead: int, bank_dir: str) -> dict[str, float]:
     """Bank traffic of a ``partial_fc`` head on the nvme tier fed with ``label_batches`` (random embeddings).
 
     The head plans ``lookahead`` batches ahead as the trainer does; only the ids matter for the traffic, so the
-    embeddings are random and no backbone runs. Each step waits ``settle_s`` so that evicted rows reach the bank
-    before the next fetches, as in training (where a step takes far longer than a write-back); without it, rows
-    evicted a step ago are served from the write-behind queue and the bank sees fewer reads than in training.
+    embeddings are random and no backbone runs. After each step the prefetcher is flushed, so that evicted rows
+    reach the bank before the next fetches, as in training (where a step takes far longer than a write-back);
+    without it, rows evicted a step ago are served from the write-behind queue and the bank sees fewer reads than
+    in training, by an amount that depends on timing.
 
     Returns:
         Per step: ``bank/rows_read`` and ``bank/bytes_read`` (the head's metrics: rows fetched from the bank into
@@ -155,7 +155,7 @@ def replay_bank_traffic(label_batches: list[torch.Tensor], *, num_classes: int, 
             emb = torch.randn(labels.numel(), dim, generator=gen).requires_grad_(True)
             head(emb, labels).backward()
             head.update(0.1)
-            time.sleep(settle_s)  # a training step lasts long enough for the write-behind queue to drain
+            head.prefetcher.flush()  # type: ignore[attr-defined]  # as in training: write-backs land within a step
             m = head.metrics()
             for k in moved:
                 moved[k] += float(m[k])
