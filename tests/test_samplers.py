@@ -260,10 +260,10 @@ def test_corrupt_samples_skipped_counted_warned_once(dataset: Path, tmp_path: Pa
     assert "data/skipped" in warnings[0].getMessage()
 
 
-@pytest.mark.parametrize("sampler", ["identity", "block"])
+@pytest.mark.parametrize("sampler", ["identity", "block", "dual"])
 def test_training_smoke(dataset: Path, tmp_path: Path, sampler: str) -> None:
     """Catches a sampler whose batches the trainer, the lookahead plan or a bank-backed head cannot take: a few
-    steps of partial_fc on the nvme tier, with data/skipped logged."""
+    steps of partial_fc on the nvme tier, with data/skipped logged (dual trains as one batch of B + P*K images)."""
     cfg = load_config(REPO / "ds_configs/runs/synth_tiny.toml", [
         f"data.path={dataset}", "data.generate_if_missing=false", f"data.sampler={sampler!r}",
         f"run.output_dir={tmp_path}", "run.name=smoke", "model.image_size=16", "model.embedding_size=16",
