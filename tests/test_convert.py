@@ -353,3 +353,20 @@ def test_rec_ranges_label_mismatch_and_property_checks(tmp_path: Path) -> None:
     write_property(pack_dir / "property", 5, 16, 16)
     with pytest.raises(DataError, match="property"):
         convert_rec(pack_dir, tmp_path / "o3", layout="labels", progress=False)
+
+
+def test_train_on_converted_rec(tmp_path: Path) -> None:
+    """Catches a dataset converted from RecordIO that the trainer cannot use end to end (ids from the pack's labels,
+    num_classes from `property`, loader, checkpoint), with the P×K identity sampler on top."""
+    samples = _rec_samples(np.random.default_rng(2))
+    pack_dir = write_face_rec(tmp_path / "pack", samples, layout="ranges", image_size=(16, 16))
+    out = tmp_path / "ds"
+    summary = convert_rec(pack_dir, out, samples_per_shard=4, progress=False)
+    cfg = load_config(REPO / "ds_configs/runs/synth_tiny.toml", [
+        f"data.path={out}", "data.generate_if_missing=false", "data.num_workers=0", "data.sampler='identity'",
+        "data.images_per_identity=2", f"run.output_dir={tmp_path}", "run.name=rec", "model.image_size=16",
+        "train.epochs=2", "train.batch_size=4", "train.warmup_steps=0", "train.log_every=1", "eval.at_end=false",
+    ])
+    result = train(cfg)
+    assert result.steps == 2 * (summary.num_identities // 2)  # identity epochs: 2 identities per batch
+    assert (result.checkpoint / "state.pt").is_file()
