@@ -284,7 +284,7 @@ def test_skipped_reach_metrics_jsonl(dataset: Path, tmp_path: Path) -> None:
     copy, _ = _corrupt(Path(shutil.copytree(dataset, tmp_path / "copy")))
     cfg = load_config(REPO / "ds_configs/runs/synth_tiny.toml", [
         f"data.path={copy}", "data.generate_if_missing=false", f"run.output_dir={tmp_path}", "run.name=bad",
-        "model.image_size=16", "model.embedding_size=16", "data.num_workers=0", "train.batch_size=8",
+        "model.image_size=16", "model.embedding_size=16", "data.num_workers=0", "train.batch_size=16",
         "train.epochs=1", "train.log_every=1", "train.warmup_steps=0", "eval.at_end=false",
     ])
     result = train(cfg)
