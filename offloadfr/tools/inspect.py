@@ -156,7 +156,7 @@ def _render_bank(b: dict[str, Any]) -> str:
         f"bank {b['path']}",
         f"  ids: {b['num_classes']} (0 .. {b['num_classes'] - 1}), dim {b['dim']}, dtype {b['dtype']}",
         f"  arrays: {', '.join(b['arrays'])}; head_kind {b['head_kind']}",
-        f"  blocks: {b['num_blocks']} of {b['chunk_rows']} ids; initialised: {init}",
+        f"  blocks: {b['num_blocks']} x {b['chunk_rows']} ids; initialised: {init}",
         f"  step: {b['step']}" + ("" if b["pending_step"] is None else f" (flush to {b['pending_step']} pending)"),
         f"  tier: {b['tier'] or 'not recorded (chosen by bank.tier when the bank is opened)'}",
         f"  size on disk: {_bytes(b['size_on_disk_bytes'])}",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -383,7 +384,9 @@ def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir:
                                flip=cfg.eval.flip)
         rows.append({**result.to_dict(), "pairs": str(pack), "step": step, "roc": _roc_points(result)})
     out = rows[0] if len(rows) == 1 else {"packs": rows}
-    (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
+    text = json.dumps(out, indent=2)  # one key per line, but each list of numbers (the ROC) on one line:
+    text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    (run_dir / "eval.json").write_text(text + "\n")
     return out
 
 
