@@ -236,3 +236,74 @@ def test_tutorial_config_loads() -> None:
     """Catches the tutorial's config (docs/tutorial-10m-nvme.md) going stale against the config schema."""
     cfg = load_config(REPO / "ds_configs/runs/tutorial_10m_nvme.toml")
     assert (cfg.head.kind, cfg.bank.tier, cfg.model.embedding_size) == ("partial_fc", "nvme", 512)
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoint_exports_the_trained_weights(run: TrainResult, tmp_path: Path) -> None:
+    """Catches the tools rebuilding another model than DeepSpeed trained: the backbone loaded from a DeepSpeed
+    checkpoint alone must give the accuracy the trainer measured, and export to ONNX within 1e-4."""
+    pytest.importorskip("onnxruntime")
+    from offloadfr.eval.verification import evaluate_pack
+    from offloadfr.tools.export import export_onnx
+
+    root = run.run_dir.parent.parent
+    cfg = load_config(REPO / "ds_configs/runs/synth_tiny.toml", [
+        f"data.path={root / 'data'}", f"run.output_dir={tmp_path}", "run.name=ds", "data.num_workers=0",
+        "train.batch_size=16", "train.max_steps=4", "train.warmup_steps=0", "eval.batch_size=32",
+        "engine.kind=deepspeed", "engine.deepspeed_config=ds_configs/deepspeed/zero2_offload_cpu.json",
+    ])
+    result = train(cfg)
+    assert (result.checkpoint / "deepspeed").is_dir() and result.eval is not None
+    model, _, _ = load_backbone(tmp_path / "ds")  # the run directory: its newest checkpoint
+    again = evaluate_pack(model, root / "data" / "pairs.bin", image_size=32, batch_size=32, flip=cfg.eval.flip)
+    assert again.accuracy == pytest.approx(result.eval["accuracy"])
+    assert again.tar_at_far == pytest.approx(result.eval["tar_at_far"])
+    assert export_onnx(model, tmp_path / "ds.onnx", image_size=32) <= 1e-4
+
+
+def test_roc_points_are_thinned_but_keep_the_curve() -> None:
+    """Catches eval.json growing with the number of pairs, or thinning that drops the ends or reorders points."""
+    from offloadfr.eval.verification import evaluate_pairs
+    from offloadfr.train.trainer import _roc_points
+
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(2 * 3000, 16, generator=gen)
+    same = torch.arange(3000) % 2 == 0
+    emb[1::2][same] = emb[0::2][same] + 0.5 * torch.randn(int(same.sum()), 16, generator=gen)
+    result = evaluate_pairs(emb, same)
+    assert len(result.roc_fpr) > 2000
+    roc = _roc_points(result)
+    assert len(roc["fpr"]) == len(roc["tpr"]) == 512
+    assert (roc["fpr"][0], roc["tpr"][0], roc["fpr"][-1], roc["tpr"][-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert roc["fpr"] == sorted(roc["fpr"]) and roc["tpr"] == sorted(roc["tpr"])
+    # every kept point lies on the full curve
+    full = {(round(f, 6), round(t, 6)) for f, t in zip(result.roc_fpr, result.roc_tpr, strict=True)}
+    assert all((f, t) in full for f, t in zip(roc["fpr"], roc["tpr"], strict=True))
+
+
+@pytest.mark.slow
+def test_torchscript_export_after_zero3_in_the_same_process(tmp_path: Path) -> None:
+    """Catches the export tracing DeepSpeed's process-wide F.linear replacement (left by any ZeRO-3 engine built
+    earlier in the process, e.g. train then export in one script): TorchScript cannot save that call."""
+    import os
+
+    from offloadfr.config import TrainCfg
+    from offloadfr.tools.export import export_torchscript
+    from offloadfr.train.ds_engine import DeepSpeedEngine
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        sgd = TrainCfg(batch_size=4, optimizer="sgd", lr=0.1, precision="fp32")
+        DeepSpeedEngine(build_backbone("tiny", embedding_size=8, image_size=16), sgd, torch.device("cpu"),
+                        ds_config={"zero_optimization": {"stage": 3}})
+    finally:  # the engine opened a 1-rank process group and set the distributed variables: undo both
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    model = build_backbone("tiny", embedding_size=8, image_size=16).eval()
+    assert export_torchscript(model, tmp_path / "m.pt", image_size=16) == 0.0

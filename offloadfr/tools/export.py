@@ -7,11 +7,14 @@ backbone returns them; normalise before comparing faces). Only the backbone is e
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from offloadfr.tools import ExportError, require
 
@@ -21,6 +24,22 @@ ONNX_ATOL = 1e-4
 """Largest allowed absolute difference between the ONNX Runtime and the PyTorch embeddings of the check batch."""
 
 _OPSET = 17
+
+
+@contextlib.contextmanager
+def _plain_linear() -> Iterator[None]:
+    """Runs the block with torch's own ``F.linear``.
+
+    DeepSpeed ZeRO-3 replaces ``torch.nn.functional.linear`` process-wide with a Python autograd function (its
+    ``memory_efficient_linear``, which "persists unless manually reset"); a trace taken after a ZeRO-3 engine was
+    built in the same process would then contain a call TorchScript cannot save.
+    """
+    saved = F.linear
+    F.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        F.linear = saved
 
 
 def sample_batch(image_size: int, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -53,7 +72,8 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, image_size: int, ato
     model = model.eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation; it needs no onnxscript
+    # dynamo=False: the TorchScript-based exporter, which needs no onnxscript; it announces its deprecation
+    with warnings.catch_warnings(), _plain_linear():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (sample_batch(image_size, 2),), str(out), dynamo=False, opset_version=_OPSET,
                           input_names=["images"], output_names=["embeddings"],
@@ -86,7 +106,7 @@ def export_torchscript(model: torch.nn.Module, out: str | Path, *, image_size: i
     model = model.eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _plain_linear():
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, (sample_batch(image_size, 2),))
         torch.jit.save(traced, str(out))

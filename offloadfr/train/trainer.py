@@ -38,7 +38,7 @@ from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.data.synth import generate_synthetic
 from offloadfr.dist import DistEnv
 from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError
-from offloadfr.eval.verification import evaluate_pack
+from offloadfr.eval.verification import VerificationResult, evaluate_pack
 from offloadfr.heads import HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone
@@ -390,7 +390,7 @@ def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir:
     return out
 
 
-def _roc_points(result: Any, max_points: int = 512) -> dict[str, list[float]]:
+def _roc_points(result: VerificationResult, max_points: int = 512) -> dict[str, list[float]]:
     """The ROC curve of a verification result, thinned to at most ``max_points`` points (the first and last kept)
     and rounded to 6 digits, so ``eval.json`` stays small for any number of pairs."""
     fpr, tpr = result.roc_fpr, result.roc_tpr
