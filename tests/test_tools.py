@@ -238,7 +238,6 @@ def test_tutorial_config_loads() -> None:
     assert (cfg.head.kind, cfg.bank.tier, cfg.model.embedding_size) == ("partial_fc", "nvme", 512)
 
 
-@pytest.mark.slow
 def test_deepspeed_checkpoint_exports_the_trained_weights(run: TrainResult, tmp_path: Path) -> None:
     """Catches the tools rebuilding another model than DeepSpeed trained: the backbone loaded from a DeepSpeed
     checkpoint alone must give the accuracy the trainer measured, and export to ONNX within 1e-4."""
@@ -281,7 +280,6 @@ def test_roc_points_are_thinned_but_keep_the_curve() -> None:
     assert all((f, t) in full for f, t in zip(roc["fpr"], roc["tpr"], strict=True))
 
 
-@pytest.mark.slow
 def test_torchscript_export_after_zero3_in_the_same_process(tmp_path: Path) -> None:
     """Catches the export tracing DeepSpeed's process-wide F.linear replacement (left by any ZeRO-3 engine built
     earlier in the process, e.g. train then export in one script): TorchScript cannot save that call."""
@@ -307,3 +305,18 @@ def test_torchscript_export_after_zero3_in_the_same_process(tmp_path: Path) -> N
                 os.environ[k] = v
     model = build_backbone("tiny", embedding_size=8, image_size=16).eval()
     assert export_torchscript(model, tmp_path / "m.pt", image_size=16) == 0.0
+
+
+@pytest.mark.parametrize("argv, module, extra", [
+    (["plot", "{run}"], "matplotlib", "plot"),
+    (["export", "{ckpt}", "--onnx", "{tmp}/m.onnx"], "onnxruntime", "export"),
+])
+def test_missing_extra_exits_2_naming_it(run: TrainResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], argv: list[str], module: str,
+                                         extra: str) -> None:
+    """Catches a tool whose optional package is absent failing with a traceback instead of naming the extra."""
+    monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError, as on a bare install
+    args = [a.format(run=run.run_dir, ckpt=run.checkpoint, tmp=tmp_path) for a in argv]
+    code, _, err = _cli(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"pip install 'offloadfr[{extra}]'" in err
