@@ -126,23 +126,27 @@ def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_head(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     env = _versions()
-    for n in args.num_classes:
-        for head in args.heads:
-            steps = args.steps if n < args.big else max(3, args.steps // 5)
-            spec = {"head": head, "num_classes": n, "batch_size": args.batch_size, "dim": args.dim,
-                    "sample_rate": args.sample_rate, "num_slots": args.num_slots, "warmup": args.warmup,
-                    "steps": steps, "bank_dir": args.bank_dir, "labels": args.labels, "window": args.window}
-            proc = subprocess.run([sys.executable, __file__, "_head_one", json.dumps(spec)], capture_output=True,
-                                  text=True)
-            if proc.returncode == 0:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-                row = {"bench": "head", "status": "oom" if oom else "error", **spec,
-                       "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else str(proc.returncode)}
-            row["env"] = env
-            _emit(row, args.out)
+    configs = [(n, head) for n in args.num_classes for head in args.heads]
+    bar = tqdm(configs, desc="bench head", unit="config", disable=not sys.stderr.isatty())  # rows go to stdout
+    for n, head in bar:
+        bar.set_postfix_str(f"{head} N={n}")
+        steps = args.steps if n < args.big else max(3, args.steps // 5)
+        spec = {"head": head, "num_classes": n, "batch_size": args.batch_size, "dim": args.dim,
+                "sample_rate": args.sample_rate, "num_slots": args.num_slots, "warmup": args.warmup,
+                "steps": steps, "bank_dir": args.bank_dir, "labels": args.labels, "window": args.window}
+        proc = subprocess.run([sys.executable, __file__, "_head_one", json.dumps(spec)], capture_output=True,
+                              text=True)
+        if proc.returncode == 0:
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        else:
+            oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+            row = {"bench": "head", "status": "oom" if oom else "error", **spec,
+                   "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else str(proc.returncode)}
+        row["env"] = env
+        _emit(row, args.out)
     return 0
 
 

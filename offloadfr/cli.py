@@ -1,4 +1,4 @@
-"""The ``offloadfr`` command: ``synth``, ``convert``, ``train`` and ``eval``.
+"""The ``offloadfr`` command: ``synth``, ``convert``, ``train``, ``eval``, ``plot``, ``export``, ``embed``, ``inspect``.
 
 Any :class:`~offloadfr.errors.OffloadFRError` (a bad config key, a missing dataset, ...) ends the command with one
 line on stderr and exit code 2, never a traceback.
@@ -44,7 +44,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tar = ", ".join(f"TAR@FAR={k} {v:.3f}" for k, v in ev["tar_at_far"].items())
         summary += f"\n  verification accuracy {ev['accuracy']:.4f} ± {ev['accuracy_std']:.4f} " \
                    f"(threshold {ev['threshold']:.3f}); {tar}"
-    summary += f"\n  outputs: {result.run_dir}/ (config.toml, metrics.jsonl, eval.json, checkpoints/)"
+    tb = ", tensorboard/" if (result.run_dir / "tensorboard").is_dir() else ""
+    summary += f"\n  outputs: {result.run_dir}/ (config.toml, metrics.jsonl{tb}, eval.json, checkpoints/)"
+    summary += f"\n  next: offloadfr plot {result.run_dir}; offloadfr inspect run {result.run_dir}"
     print(summary)
     return 0
 
@@ -83,7 +85,68 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run_dir = ckpt_dir.parent.parent
     out = evaluate_run(model, cfg, pairs, run_dir, step=state.get("step"))
     for row in out.get("packs", [out]):
-        print(json.dumps(row))
+        print(json.dumps({k: v for k, v in row.items() if k != "roc"}))  # the ROC points stay in eval.json
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from offloadfr.tools.plot import plot_run
+
+    result = plot_run(args.run_dir)
+    for path in result.written:
+        print(path)
+    for name, why in result.skipped.items():
+        print(f"offloadfr: skipped {name}: {why}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from offloadfr.errors import ConfigError
+    from offloadfr.tools.backbone import load_backbone
+    from offloadfr.tools.export import export_onnx, export_state_dict, export_torchscript
+
+    if not (args.onnx or args.torchscript or args.state_dict):
+        raise ConfigError("nothing to export; give --onnx OUT.onnx, --torchscript OUT.pt and/or --state-dict OUT.pt")
+    model, cfg, ckpt_dir = load_backbone(args.checkpoint)
+    print(f"exporting the backbone of {ckpt_dir}")
+    m = cfg.model
+    what = f"{m.backbone}, input (B, 3, {m.image_size}, {m.image_size}) in [-1, 1], output (B, {m.embedding_size})"
+    if args.onnx:
+        diff = export_onnx(model, args.onnx, image_size=m.image_size)
+        print(f"wrote {args.onnx} ({what}; ONNX Runtime matches PyTorch to {diff:.1e})")
+    if args.torchscript:
+        diff = export_torchscript(model, args.torchscript, image_size=m.image_size)
+        print(f"wrote {args.torchscript} (TorchScript, {what}; matches eager to {diff:.1e})")
+    if args.state_dict:
+        export_state_dict(model, args.state_dict)
+        print(f"wrote {args.state_dict} (state dict; load into build_backbone({m.backbone!r}, "
+              f"embedding_size={m.embedding_size}, image_size={m.image_size}))")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from offloadfr.tools.backbone import load_backbone
+    from offloadfr.tools.embed import embed_files
+
+    model, cfg, _ = load_backbone(args.checkpoint)
+    emb = embed_files(model, args.images, image_size=cfg.model.image_size, batch_size=args.batch_size,
+                      flip=args.flip)
+    if args.out:
+        import numpy as np
+
+        np.save(args.out, emb)
+        print(f"wrote {args.out}: {emb.shape[0]} x {emb.shape[1]} float32, L2-normalised, rows in argument order")
+        return 0
+    for path, row in zip(args.images, emb, strict=True):
+        print(json.dumps({"path": path, "embedding": [round(float(v), 6) for v in row]}))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from offloadfr.tools.inspect import inspect_bank, inspect_run, render
+
+    info = inspect_bank(args.path) if args.what == "bank" else inspect_run(args.path)
+    print(json.dumps(info, indent=2) if args.json else render(info))
     return 0
 
 
@@ -134,6 +197,31 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/step_N, or a run directory")
     p.add_argument("--pairs", nargs="+", help="verification packs (default: the run's eval.pairs or pairs.bin)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="PNGs of a run (loss, lr, throughput, prefetch stall, ROC) in RUN_DIR/plots/")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="runs/<name>")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("export", help="export the backbone of a checkpoint (ONNX, TorchScript, state dict)")
+    p.add_argument("checkpoint", metavar="CKPT", help="runs/<name>/checkpoints/step_N, or a run directory (newest)")
+    p.add_argument("--onnx", metavar="OUT.onnx", help="ONNX, dynamic batch, checked against PyTorch (atol 1e-4)")
+    p.add_argument("--torchscript", metavar="OUT.pt", help="traced TorchScript module (torch.jit.load)")
+    p.add_argument("--state-dict", dest="state_dict", metavar="OUT.pt", help="the backbone's state_dict (torch.load)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("embed", help="L2-normalised embeddings of image files (JSON lines, or .npy with --out)")
+    p.add_argument("checkpoint", metavar="CKPT", help="runs/<name>/checkpoints/step_N, or a run directory (newest)")
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="aligned face crops (JPEG, PNG)")
+    p.add_argument("--out", metavar="OUT.npy", help="save an (N, D) float32 array instead of printing")
+    p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding (evaluation's flip test)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="images per forward pass")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("inspect", help="what is in a bank or a run directory")
+    p.add_argument("what", choices=["bank", "run"], help="bank: a Zarr class-center bank; run: runs/<name>")
+    p.add_argument("path", metavar="PATH", help="the bank directory or the run directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("convert", help="convert an image folder or an InsightFace RecordIO pack to shards")
     formats = p.add_subparsers(dest="format", required=True)

@@ -70,6 +70,9 @@ class RunCfg:
     """Seed of model init, data order and augmentation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` uses a GPU when one is present, else the CPU."""
+    tensorboard: bool = True
+    """Also write the step metrics as TensorBoard events to ``<output_dir>/<name>/tensorboard/`` (needs the
+    ``tensorboard`` extra; without it a warning is logged once and only ``metrics.jsonl`` is written)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

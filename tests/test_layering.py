@@ -17,7 +17,7 @@ LEVEL = {
     "heads": 6,
     "data": 7, "eval": 7,
     "train": 8,
-    "cli": 9,
+    "cli": 9, "tools": 9,
 }
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from offloadfr.data.pairs import decode_images, read_pairs_bin
 from offloadfr.errors import DataError
@@ -247,10 +249,13 @@ def evaluate_pack(model: torch.nn.Module, pairs_path: str | os.PathLike[str], *,
     images, issame = read_pairs_bin(pairs_path)
     chunk = max(_DECODE_CHUNK, batch_size)
     parts = []
-    for start in range(0, len(images), chunk):
-        try:
-            images_u8 = decode_images(images[start:start + chunk], image_size)
-        except DataError as e:
-            raise DataError(f"verification pack {pairs_path}, in the chunk starting at image {start}: {e}") from e
-        parts.append(extract_embeddings(model, images_u8, batch_size=batch_size, flip=flip, device=device))
+    bar = tqdm(total=len(images), desc="eval", unit="img", leave=False, disable=not sys.stderr.isatty())
+    with bar:  # a bar with rate and ETA on a terminal, nothing elsewhere
+        for start in range(0, len(images), chunk):
+            try:
+                images_u8 = decode_images(images[start:start + chunk], image_size)
+            except DataError as e:
+                raise DataError(f"verification pack {pairs_path}, in the chunk starting at image {start}: {e}") from e
+            parts.append(extract_embeddings(model, images_u8, batch_size=batch_size, flip=flip, device=device))
+            bar.update(len(images_u8))
     return evaluate_pairs(torch.cat(parts), issame, num_folds=num_folds, fars=fars)

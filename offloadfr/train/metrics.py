@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-__all__ = ["JsonlSink", "Progress", "warn_once"]
+__all__ = ["JsonlSink", "TensorBoardSink", "MetricSinks", "open_sinks", "Progress", "warn_once"]
 
 _log = logging.getLogger("offloadfr")
 _warned: set[str] = set()
@@ -36,6 +36,56 @@ class JsonlSink:
 
     def close(self) -> None:
         self._fh.close()
+
+
+class TensorBoardSink:
+    """Writes each numeric metric of a ``log`` call as a TensorBoard scalar (tag = metric name) to ``directory``.
+
+    Raises:
+        ImportError: the ``tensorboard`` package is not installed (``pip install 'offloadfr[tensorboard]'``).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # raises ImportError without the tensorboard package
+
+        self.directory = Path(directory)
+        self._writer = SummaryWriter(log_dir=str(self.directory))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for name, value in metrics.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(name, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricSinks:
+    """Sends every ``log`` call to each of ``sinks`` (a JSONL file, TensorBoard, ...)."""
+
+    def __init__(self, sinks: list[JsonlSink | TensorBoardSink]) -> None:
+        self.sinks = sinks
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def open_sinks(run_dir: str | Path, *, tensorboard: bool) -> MetricSinks:
+    """The metric sinks of a run: ``run_dir/metrics.jsonl`` always, ``run_dir/tensorboard/`` when ``tensorboard``
+    is on and the package is installed (else a warning, once, and the run goes on without it)."""
+    sinks: list[JsonlSink | TensorBoardSink] = [JsonlSink(Path(run_dir) / "metrics.jsonl")]
+    if tensorboard:
+        try:
+            sinks.append(TensorBoardSink(Path(run_dir) / "tensorboard"))
+        except ImportError:
+            warn_once("run.tensorboard is on but the tensorboard package is not installed: metrics go to "
+                      "metrics.jsonl only; pip install 'offloadfr[tensorboard]' or set run.tensorboard=false")
+    return MetricSinks(sinks)
 
 
 class Progress:
@@ -64,7 +114,7 @@ class Progress:
         shown = {"loss": f"{metrics['loss']:.3f}", "img/s": f"{metrics['throughput(img/s)']:.0f}",
                  "lr": f"{metrics['lr']:.3g}"}
         if "prefetch/stall(%)" in metrics:
-            shown["stall%"] = f"{metrics['prefetch/stall(%)']:.1f}"
+            shown["stall(%)"] = f"{metrics['prefetch/stall(%)']:.1f}"
         if self.tty:
             self._bar.set_postfix(shown, refresh=False)
             return

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -38,14 +39,14 @@ from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.data.synth import generate_synthetic
 from offloadfr.dist import DistEnv
 from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError
-from offloadfr.eval.verification import evaluate_pack
+from offloadfr.eval.verification import VerificationResult, evaluate_pack
 from offloadfr.heads import HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone
 from offloadfr.train.checkpoint import list_checkpoints, load_checkpoint, load_checkpoint_config, save_checkpoint
 from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
 from offloadfr.train.engine import Engine
-from offloadfr.train.metrics import JsonlSink, Progress, warn_once
+from offloadfr.train.metrics import Progress, open_sinks, warn_once
 from offloadfr.train.schedulers import LRSchedule
 
 __all__ = ["train", "TrainResult", "run_dir_of", "ensure_dataset", "normalise_images"]
@@ -204,7 +205,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             step = _restore(ckpt, cfg, engine, head)
             print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
 
-        sink = JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None
+        sink = open_sinks(run_dir, tensorboard=cfg.run.tensorboard) if env.is_main else None
         progress = Progress(total_steps, initial=step, enabled=env.is_main)
         window_loss: deque[float] = deque(maxlen=cfg.train.log_every)
         start_step = step
@@ -384,13 +385,27 @@ def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir:
 
     Returns:
         The object written: for one pack its result (``accuracy``, ``accuracy_std``, ``threshold``,
-        ``tar_at_far``, ``pairs``, ``step``); for several, ``{"packs": [one such object per pack]}``.
+        ``tar_at_far``, ``pairs``, ``step``, ``roc``: at most 512 points ``{"fpr": [...], "tpr": [...]}`` of the
+        ROC curve, for ``offloadfr plot``); for several, ``{"packs": [one such object per pack]}``.
     """
     rows = []
     for pack in pairs:
         result = evaluate_pack(model, pack, image_size=cfg.model.image_size, batch_size=cfg.eval.batch_size,
                                flip=cfg.eval.flip)
-        rows.append({**result.to_dict(), "pairs": str(pack), "step": step})
+        rows.append({**result.to_dict(), "pairs": str(pack), "step": step, "roc": _roc_points(result)})
     out = rows[0] if len(rows) == 1 else {"packs": rows}
-    (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
+    text = json.dumps(out, indent=2)  # one key per line, but each list of numbers (the ROC) on one line:
+    text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    (run_dir / "eval.json").write_text(text + "\n")
     return out
+
+
+def _roc_points(result: VerificationResult, max_points: int = 512) -> dict[str, list[float]]:
+    """The ROC curve of a verification result, thinned to at most ``max_points`` points (the first and last kept)
+    and rounded to 6 digits, so ``eval.json`` stays small for any number of pairs."""
+    fpr, tpr = result.roc_fpr, result.roc_tpr
+    if len(fpr) > max_points:
+        last = len(fpr) - 1
+        keep = sorted({round(i * last / (max_points - 1)) for i in range(max_points)})
+        fpr, tpr = [fpr[i] for i in keep], [tpr[i] for i in keep]
+    return {"fpr": [round(v, 6) for v in fpr], "tpr": [round(v, 6) for v in tpr]}
