@@ -126,6 +126,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(root: Path, tier: str
     final = _run(root, name, tier, fault="")
     assert final.returncode == 0, final.stderr
     assert "resumed from" in final.stderr
+    assert not list((root / "runs" / name / "checkpoints").glob(".tmp-*"))  # partial checkpoints cleaned up
 
     a, _ = load_checkpoint(list_checkpoints(root / "runs" / "full")[-1])
     b, _ = load_checkpoint(list_checkpoints(root / "runs" / name)[-1])

@@ -67,6 +67,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: 
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale_temporaries(root)
     try:
         tmp.mkdir()
         buffer = io.BytesIO()  # serialised in memory, so that a full disk surfaces as an OSError from write()
@@ -96,6 +97,20 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: 
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Deletes temporary directories left by processes that died while writing a checkpoint (they hold space)."""
+    for partial in root.glob(".tmp-step_*-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # still running (another rank writing): leave it
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def _disk_full(exc: BaseException, root: Path) -> bool:
