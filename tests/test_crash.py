@@ -12,8 +12,8 @@ Kill points (``offloadfr/faults.py``; the process sends itself a real SIGKILL th
 - a plain training step: the test itself SIGKILLs the process once ``metrics.jsonl`` shows it training.
 
 The reference run and the last (unkilled) life run in the test's process. After each kill, a copy of the bank is
-settled the way the next run settles it (``resolve_bank`` with the complete
-checkpoints) and must hold only finite rows, at the newest checkpoint's step. The config is deterministic on the CPU
+settled the way the next run settles it (``resolve_bank`` with the complete checkpoints) and must hold only finite
+rows, at the newest checkpoint's step. The config is deterministic on the CPU
 (1 compute thread, no data workers, every id resident in the device container), so a resumed run is bit-identical.
 """
 
