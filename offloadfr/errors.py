@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "BankError",
     "NonFiniteError",
+    "DiskFullError",
 ]
 
 
@@ -47,3 +48,10 @@ class BankError(OffloadFRError, ValueError):
 
 class NonFiniteError(OffloadFRError, FloatingPointError):
     """The loss or the gradient norm became NaN or Inf; the step was stopped before any update."""
+
+
+class DiskFullError(OffloadFRError, OSError):
+    """The disk filled up while writing the bank or a checkpoint; what was written before is intact.
+
+    The message names the path and how to continue (free space, then ``--resume auto``).
+    """

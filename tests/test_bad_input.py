@@ -47,6 +47,22 @@ def _drop_shard(root: Path) -> list[str]:
     return ["train", *_sets(root, "x", f"data.path={d}", "data.generate_if_missing=false")]
 
 
+def _empty_shard(root: Path) -> list[str]:
+    d = _copy_data(root, "empty_shard")
+    next((d / "shards").glob("*.tar")).write_bytes(b"")
+    return ["train", *_sets(root, "x", f"data.path={d}", "data.generate_if_missing=false")]
+
+
+def _index_without_samples(root: Path) -> list[str]:
+    d = _copy_data(root, "no_samples")
+    index = json.loads((d / "index.json").read_text())
+    for shard in index["shards"]:
+        shard.update(ids=[], counts=[], num_samples=0)
+    index["num_samples"] = 0
+    (d / "index.json").write_text(json.dumps(index))
+    return ["train", *_sets(root, "x", f"data.path={d}", "data.generate_if_missing=false")]
+
+
 def _shrink_classes(root: Path) -> list[str]:
     d = _copy_data(root, "few_classes")
     index = json.loads((d / "index.json").read_text())
@@ -111,6 +127,8 @@ CASES: list[Case] = [
                                                     "data.generate_if_missing=false")], "nothing"),
     ("dataset without index", _empty_dir, "index.json"),
     ("missing shard", _drop_shard, "shard-"),
+    ("empty shard", _empty_shard, "is empty (0 bytes)"),
+    ("shards without samples", _index_without_samples, "lists 0 samples over"),
     ("labels outside num_classes", _shrink_classes, "outside [0, 4)"),
     ("synth counts inconsistent", lambda r: ["synth", "--out", str(r / "s"), "--min-images", "10",
                                              "--max-images", "5"], "synth.min_images = 10 exceeds"),
@@ -119,6 +137,9 @@ CASES: list[Case] = [
     ("bank of another dim", _bank_of_other_dim, "dim=128 but this run needs dim=64"),
     ("bank of another head kind", _bank_of_other_kind, "head_kind='attfc'"),
     ("checkpoint of another model", _other_backbone_resume, "model.embedding_size = 128 but this run has 64"),
+    ("checkpoint of another backbone",
+     lambda r: ["train", "--resume", "auto", *_sets(r, "ok", "model.backbone=iresnet18")],
+     "model.backbone = 'tiny' but this run has 'iresnet18'"),
     ("missing DeepSpeed JSON", lambda r: ["train", *_sets(r, "x", "engine.kind=deepspeed",
                                                           "engine.deepspeed_config=nope.json")],
      "engine.deepspeed_config"),

@@ -67,8 +67,10 @@ def test_resume_refuses_another_backbone(tmp_path: Path) -> None:
         train(_cfg(tmp_path, "bb", "train.epochs=1", "model.embedding_size=64"), resume="auto")
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> None:
-    """Catches a SIGTERM (a scheduler's preemption) that kills the run without a checkpoint, or exits non-zero."""
+@pytest.mark.parametrize(("signame", "head"), [("SIGTERM", "fc"), ("SIGINT", "partial_fc")])
+def test_signal_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path, signame: str, head: str) -> None:
+    """Catches a SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C) that kills the run without a checkpoint,
+    exits non-zero, or (partial_fc) leaves the bank at another step than that checkpoint."""
     import signal
     import subprocess
     import sys
@@ -77,18 +79,25 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(tmp_path: Path) -> No
     args = [sys.executable, str(REPO / "launch/train.py"), "--set", f"data.path={tmp_path / 'data'}",
             "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", "run.name=sig", "--set", "synth.num_identities=40",
             "--set", "synth.num_holdout=6", "--set", "synth.num_pairs=20", "--set", "data.num_workers=0",
-            "--set", "train.batch_size=8", "--set", "train.epochs=500", "--set", "train.log_every=1"]
+            "--set", "train.batch_size=8", "--set", "train.epochs=500", "--set", "train.log_every=1",
+            "--set", f"head.kind={head}", "--set", "cache.num_slots=32"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "runs" / "sig" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, signame))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "SIGTERM" in err and "--resume auto" in err
+    assert signame in err and "--resume auto" in err
     ckpts = list_checkpoints(tmp_path / "runs" / "sig")
     assert ckpts, err
     state, _ = load_checkpoint(ckpts[-1])
     assert 3 <= state["step"] < 500
+    if head == "partial_fc":
+        from offloadfr.bank import ZarrBank
+
+        bank = ZarrBank.open(tmp_path / "runs" / "sig" / "bank", read_only=True)
+        assert (bank.step, bank.pending_step) == (state["step"], None)
+        bank.close()

@@ -10,6 +10,7 @@ reference) and ``ZarrBank`` (ram and nvme tiers). Every implementation passes ``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 
 import torch
 
@@ -23,7 +24,7 @@ class ClassBank(ABC):
         num_classes: N, the number of ids; valid ids are ``[0, num_classes)``.
         dim: D, the row width.
         arrays: names of the (N, D) arrays the bank holds, e.g. ``("centers", "momentum")``.
-        read_only: when true, ``write_rows`` and ``flush`` raise.
+        read_only: when true, ``write_rows``, ``prepare`` and ``flush`` raise.
     """
 
     num_classes: int
@@ -42,14 +43,72 @@ class ClassBank(ABC):
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
         """Stores ``rows`` (n, D) at ``ids`` (int64, shape (n,), unique)."""
 
+    # ------------------------------------------------------------------ two-phase flush (checkpoints)
+    #
+    # A checkpoint is consistent only if the bank and the checkpoint directory agree on the step. The bank cannot
+    # write both at once, so a flush has two phases: ``prepare(step)`` makes every write durable *beside* the last
+    # consistent state (it can still be rolled back or forward) and records ``pending_step``; the caller then writes
+    # its checkpoint (the commit point is the checkpoint's rename) and calls ``commit(step)``. After a crash, whoever
+    # knows which checkpoints are complete calls ``resolve(checkpoint_steps)``: forward when a checkpoint of
+    # ``pending_step`` exists, back to ``step`` otherwise.
+
     @abstractmethod
-    def flush(self, step: int) -> None:
-        """Makes every write so far durable, then records ``step`` as the last consistent step (written last)."""
+    def prepare(self, step: int) -> None:
+        """Phase 1: makes every write so far durable without publishing it, and records ``pending_step = step``.
+
+        Until ``commit`` or ``rollback``, ``step`` still names the last consistent state and ``write_rows`` raises.
+
+        Raises:
+            BankError: the bank is read-only, a flush is already pending, or ``step`` is negative.
+        """
+
+    @abstractmethod
+    def commit(self, step: int) -> None:
+        """Phase 2: publishes the prepared flush; afterwards ``step == step`` and ``pending_step is None``.
+
+        Raises:
+            BankError: no flush of ``step`` is pending.
+        """
+
+    @abstractmethod
+    def rollback(self) -> None:
+        """Drops the prepared flush and every write since the last commit; the bank reads as at ``step`` again.
+
+        Does nothing when no flush is pending and nothing was written.
+        """
+
+    @property
+    @abstractmethod
+    def pending_step(self) -> int | None:
+        """The step of a prepared, not yet committed flush (found at open after a crash, or prepared here)."""
 
     @property
     @abstractmethod
     def step(self) -> int:
-        """The step recorded by the last completed ``flush``; -1 if the bank was never flushed."""
+        """The step recorded by the last commit; -1 if the bank was never flushed."""
+
+    def flush(self, step: int) -> None:
+        """Both phases at once (``prepare`` then ``commit``): for callers with no checkpoint to coordinate with."""
+        self.prepare(step)
+        self.commit(step)
+
+    def resolve(self, checkpoint_steps: Collection[int]) -> str:
+        """Settles a pending flush after a restart: forward if a complete checkpoint has its step, else back.
+
+        Args:
+            checkpoint_steps: steps of the complete checkpoints of the run that owns the bank.
+
+        Returns:
+            ``"committed"``, ``"rolled back"`` or ``"nothing pending"``.
+        """
+        pending = self.pending_step
+        if pending is None:
+            return "nothing pending"
+        if pending in set(checkpoint_steps):
+            self.commit(pending)
+            return "committed"
+        self.rollback()
+        return "rolled back"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases files and threads; the bank is unusable afterwards. Does not flush."""

@@ -84,8 +84,23 @@ def _check_step(step: int) -> int:
     return step
 
 
+def _check_not_pending(pending: int | None, action: str) -> None:
+    if pending is not None:
+        raise BankError(f"cannot {action}: a flush of step {pending} is prepared but not committed; call "
+                        f"commit({pending}) once its checkpoint is written, or rollback()")
+
+
+def _check_commit(pending: int | None, step: int, what: str) -> None:
+    if pending is None or pending != step:
+        raise BankError(f"commit({step}) but {what} has no prepared flush of step {step} (pending_step={pending}); "
+                        f"call prepare({step}) first")
+
+
 class MemoryBank(ClassBank):
-    """All arrays as (N, D) float32 CPU tensors; ``flush`` only records the step (nothing is persisted).
+    """All arrays as (N, D) float32 CPU tensors; nothing is persisted.
+
+    The two-phase flush keeps a copy of the committed rows, so ``rollback`` restores them exactly as ``ZarrBank``
+    does after a crash.
 
     Args:
         num_classes: N, the number of ids.
@@ -115,8 +130,10 @@ class MemoryBank(ClassBank):
         self.seed = seed
         self._tensors = {name: torch.from_numpy(initial_block(name, 0, num_classes, dim, seed=seed, std=init_std))
                          for name in self.arrays}
+        self._committed = {name: t.clone() for name, t in self._tensors.items()}  # what rollback restores
         self._step = -1
-        self._lock = threading.Lock()
+        self._pending: int | None = None
+        self._lock = threading.RLock()
         self._rows_read = 0
         self._rows_written = 0
 
@@ -144,22 +161,60 @@ class MemoryBank(ClassBank):
         ids = _check_ids(ids, self.num_classes, unique=True)
         rows = _check_rows(rows, ids.numel(), self.dim)
         with self._lock:
+            _check_not_pending(self._pending, "write rows")
             self._rows_written += ids.numel()
             self._tensors[array].index_copy_(0, ids, rows)
 
     def flush(self, step: int) -> None:
-        """Records ``step`` (there is nothing to persist).
+        """``prepare`` then ``commit``, under one lock, so that a writer thread never sees the pending state."""
+        with self._lock:
+            super().flush(step)
+
+    def prepare(self, step: int) -> None:
+        """Records ``pending_step = step`` (the rows are already in memory); writes are refused until it is settled.
 
         Raises:
-            BankError: the bank is read-only or ``step`` is negative.
+            BankError: the bank is read-only, a flush is already pending, or ``step`` is negative.
         """
         if self.read_only:
             raise BankError("this bank is read-only; open it with read_only=False to flush")
-        self._step = _check_step(step)
+        step = _check_step(step)
+        with self._lock:
+            _check_not_pending(self._pending, "prepare a flush")
+            self._pending = step
+
+    def commit(self, step: int) -> None:
+        """Makes the prepared rows the committed state and records ``step``.
+
+        Raises:
+            BankError: no flush of ``step`` is pending.
+        """
+        with self._lock:
+            _check_commit(self._pending, step, "this bank")
+            self._committed = {name: t.clone() for name, t in self._tensors.items()}
+            self._step, self._pending = step, None
+
+    def rollback(self) -> None:
+        """Restores the rows of the last commit (or the initial rows) and drops the pending flush.
+
+        Raises:
+            BankError: the bank is read-only.
+        """
+        if self.read_only:
+            raise BankError("this bank is read-only; open it with read_only=False to roll it back")
+        with self._lock:
+            for name, tensor in self._tensors.items():
+                tensor.copy_(self._committed[name])
+            self._pending = None
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of a prepared, uncommitted flush; None when there is none."""
+        return self._pending
 
     @property
     def step(self) -> int:
-        """The step of the last ``flush``; -1 before the first one."""
+        """The step of the last commit; -1 before the first one."""
         return self._step
 
     def stats(self) -> dict[str, int]:

@@ -11,6 +11,11 @@ Subclass it in a test module, name the subclass ``Test...`` and implement :meth:
 
 Sizes are small and uneven (N=37 with 8-row blocks leaves a partial last block). Bad ids, repeated ids in a write,
 bad shapes, unknown arrays, writes to a read-only bank and negative steps must raise ``BankError`` (a ``ValueError``).
+
+The two-phase flush (``prepare`` / ``commit`` / ``rollback`` / ``resolve``) is part of the contract: after
+``prepare`` the bank still reports the old ``step`` and refuses writes; ``commit`` publishes, ``rollback`` returns to
+the rows of the last commit. Persistent banks must also keep a prepared flush pending across a reopen (a crash
+between the bank flush and the checkpoint) until ``resolve`` settles it.
 """
 
 from __future__ import annotations
@@ -263,4 +268,94 @@ class BankContract:
         bank.flush(99)
         assert torch.equal(bank.read_rows(evens), self._rows(evens.numel(), self.dim, salt=0) + 14)
         assert torch.equal(bank.read_rows(odds), self._rows(odds.numel(), self.dim, salt=1) + 14)
+        bank.close()
+
+    # ------------------------------------------------------------------ two-phase flush
+
+    def test_prepare_then_commit(self, tmp_path: Path) -> None:
+        """Catches a prepare that publishes its step early, accepts writes while pending, or a commit of the wrong
+        step (a bank that claims a step no checkpoint has)."""
+        bank = self._bank(tmp_path)
+        bank.flush(1)
+        bank.write_rows(torch.tensor([7, 30]), self._rows(2, self.dim))
+        bank.prepare(2)
+        assert (bank.step, bank.pending_step) == (1, 2)
+        assert torch.equal(bank.read_rows(torch.tensor([7, 30])), self._rows(2, self.dim))
+        with pytest.raises(BankError, match="prepared but not committed"):
+            bank.write_rows(torch.tensor([3]), torch.zeros(1, self.dim))
+        with pytest.raises(BankError, match="prepared but not committed"):
+            bank.prepare(3)
+        with pytest.raises(BankError, match="no prepared flush of step 3"):
+            bank.commit(3)
+        bank.commit(2)
+        assert (bank.step, bank.pending_step) == (2, None)
+        with pytest.raises(BankError, match="no prepared flush of step 2"):
+            bank.commit(2)
+        bank.write_rows(torch.tensor([3]), self._rows(1, self.dim, salt=4))  # writable again
+        assert torch.equal(bank.read_rows(torch.tensor([7, 30, 3])),
+                           torch.cat([self._rows(2, self.dim), self._rows(1, self.dim, salt=4)]))
+        bank.close()
+
+    def test_rollback_returns_to_the_last_commit(self, tmp_path: Path) -> None:
+        """Catches a rollback that keeps rows written after the last commit (a bank ahead of its checkpoint)."""
+        bank = self._bank(tmp_path)
+        ids = torch.tensor([0, 9, 36])
+        bank.write_rows(ids, self._rows(3, self.dim))
+        bank.flush(4)
+        bank.write_rows(torch.arange(self.num_classes), torch.full((self.num_classes, self.dim), 5.0))
+        bank.write_rows(ids, self._rows(3, self.dim, salt=1), "momentum")
+        bank.prepare(8)
+        bank.rollback()
+        assert (bank.step, bank.pending_step) == (4, None)
+        assert torch.equal(bank.read_rows(ids), self._rows(3, self.dim))
+        rest = torch.tensor([1, 20, 35])
+        assert torch.equal(bank.read_rows(rest), self._init(rest))
+        assert torch.equal(bank.read_rows(ids, "momentum"), torch.zeros(3, self.dim))
+        bank.write_rows(torch.tensor([1]), self._rows(1, self.dim))  # unpending: writable, and a rollback without
+        bank.rollback()                                               # a prepare drops unflushed writes too
+        assert torch.equal(bank.read_rows(rest), self._init(rest))
+        bank.close()
+
+    @pytest.mark.parametrize("has_checkpoint", [True, False])
+    def test_resolve_follows_the_checkpoints(self, tmp_path: Path, has_checkpoint: bool) -> None:
+        """Catches resolve rolling forward without a checkpoint of the pending step (or back with one)."""
+        bank = self._bank(tmp_path)
+        bank.flush(4)
+        assert bank.resolve([4]) == "nothing pending"
+        bank.write_rows(torch.tensor([2]), self._rows(1, self.dim))
+        bank.prepare(8)
+        done = bank.resolve([4, 8] if has_checkpoint else [4])
+        assert done == ("committed" if has_checkpoint else "rolled back")
+        assert (bank.step, bank.pending_step) == ((8, None) if has_checkpoint else (4, None))
+        expect = self._rows(1, self.dim) if has_checkpoint else self._init(torch.tensor([2]))
+        assert torch.equal(bank.read_rows(torch.tensor([2])), expect)
+        bank.close()
+
+    @pytest.mark.parametrize("has_checkpoint", [True, False])
+    def test_prepared_flush_survives_a_crash_until_resolved(self, tmp_path: Path, has_checkpoint: bool) -> None:
+        """Catches a bank that, after dying between prepare and commit, reads (or trains on) rows of the pending
+        step before anyone decided, or settles it the wrong way."""
+        if not self.persistent:
+            pytest.skip("this bank does not persist")
+        bank = self._bank(tmp_path)
+        old, new = self._rows(self.num_classes, self.dim), self._rows(self.num_classes, self.dim, salt=7)
+        every = torch.arange(self.num_classes)
+        bank.write_rows(every, old)
+        bank.flush(4)
+        bank.write_rows(every, new)
+        bank.write_rows(every[:5], new[:5], "momentum")
+        bank.prepare(8)
+        bank = self.reopen(bank, tmp_path)  # the crash: the checkpoint of step 8 may or may not have been renamed
+        assert (bank.step, bank.pending_step) == (4, 8)
+        assert torch.equal(bank.read_rows(every), old)  # undecided: the last consistent state
+        with pytest.raises(BankError, match="prepared but not committed"):
+            bank.write_rows(torch.tensor([3]), torch.zeros(1, self.dim))
+        bank.resolve([4, 8] if has_checkpoint else [4])
+        for _ in range(2):  # the decision and its rows survive another restart
+            want_step, want = (8, new) if has_checkpoint else (4, old)
+            assert (bank.step, bank.pending_step) == (want_step, None)
+            assert torch.equal(bank.read_rows(every), want)
+            momentum = bank.read_rows(every[:5], "momentum")
+            assert torch.equal(momentum, new[:5] if has_checkpoint else torch.zeros(5, self.dim))
+            bank = self.reopen(bank, tmp_path)
         bank.close()

@@ -27,14 +27,24 @@ Tiers:
     ``nvme``: an LRU of at most ``cache_blocks`` blocks per array in RAM; a miss loads the block with one Zarr read
     (or initialises it); writes go into the cached block; evicting a dirty block writes it to the journal.
 
-Crash consistency (``flush(step)``): writes reach the main arrays only through the journal. A flush (1) writes every
-dirty block to ``journal/``, (2) writes ``pending_step=step`` (the commit point: one atomic write of ``zarr.json``),
-(3) moves each journal chunk file over the main chunk file (``os.replace``, atomic per file, no data copied), and (4)
-writes ``step=step, pending_step=null`` last. Reopening after a crash before (2) discards the journal, so the bank
-reads exactly as at its recorded ``step``, even though the nvme tier wrote evicted blocks in between; after (2) it
-completes (3) and (4). The main arrays therefore always hold exactly the state of ``step`` (or are being brought to
-``pending_step``), never a mix, and the trainer's check "bank step == checkpoint step" is sufficient. Durability
-against power loss is the filesystem's (no fsync).
+Crash consistency (the two-phase flush of ``ClassBank``): writes reach the main arrays only through the journal.
+
+1. ``prepare(step)`` writes every dirty block to ``journal/`` and then ``pending_step=step, pending_committed=false``
+   (one atomic write of ``zarr.json``). The main arrays still hold the state of ``step`` (the attribute), the journal
+   holds the state of ``pending_step``; either can become the truth. Writes are refused until it is settled.
+2. The caller writes its checkpoint; the checkpoint's rename is the commit point of the whole.
+3. ``commit(step)`` writes ``pending_committed=true`` (from here on only forward), moves each journal chunk file
+   over the main chunk file (``os.replace``, atomic per file, no data copied), and writes ``step=step,
+   pending_step=null`` last.
+
+``rollback()`` writes ``pending_step=null`` and deletes the journal. Reopening after a crash: with no
+``pending_step`` the journal (blocks of an unfinished prepare, or nvme evictions since the last commit) is
+discarded, so the bank reads exactly as at ``step``; with ``pending_committed`` the commit is completed; otherwise
+the flush stays pending and the bank reads as at ``step`` until ``resolve(checkpoint_steps)`` (the trainer calls it
+before building the head) commits it if a complete checkpoint of ``pending_step`` exists and rolls it back if not.
+So the main arrays always hold exactly the state of one checkpoint, never a mix, and the trainer's check "bank step
+== checkpoint step" is sufficient. Durability against power loss is the filesystem's (no fsync). A full disk raises
+``DiskFullError`` and leaves the main arrays and attributes as they were.
 
 Thread safety: every public method holds one lock, so a prefetcher thread may read and write while the main thread
 flushes; all Zarr writes therefore come from one thread at a time (one writer per chunk). One process at a time may
@@ -43,6 +53,7 @@ open a bank read-write (opening read-write discards a journal left without a com
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -60,11 +71,20 @@ import zarr.storage
 
 from offloadfr.bank.base import ClassBank
 from offloadfr.bank.init import initial_block
-from offloadfr.bank.memory import _check_array, _check_ids, _check_rows, _check_shape, _check_step
+from offloadfr.bank.memory import (
+    _check_array,
+    _check_commit,
+    _check_ids,
+    _check_not_pending,
+    _check_rows,
+    _check_shape,
+    _check_step,
+)
 from offloadfr.config import BankCfg
-from offloadfr.errors import BankError
+from offloadfr.errors import BankError, DiskFullError
+from offloadfr.faults import fault_point
 
-__all__ = ["ZarrBank", "open_bank", "check_ram_fits", "auto_chunk_rows", "FORMAT_VERSION"]
+__all__ = ["ZarrBank", "open_bank", "resolve_bank", "check_ram_fits", "auto_chunk_rows", "FORMAT_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +95,7 @@ FORMAT_VERSION = 1
 _CHUNK_BYTES = 2 << 20  # auto chunk_rows targets 2 MiB blocks (env-notes §5.2: 0.6-2.4 ms per 2-8 MiB chunk read)
 _STAGE_BYTES = 64 << 20  # the ram tier's flush writes runs of dirty blocks in slabs of at most this size
 _JOURNAL = "journal"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _TIERS = ("ram", "nvme")
 
 Tier = Literal["ram", "nvme"]
@@ -161,6 +182,8 @@ class ZarrBank(ClassBank):
         self._lock = threading.RLock()
         self._closed = False
         self._step = int(attrs["step"])
+        self._pending: int | None = None  # a prepared flush: by this process, or found at open (undecided)
+        self._pending_found_at_open = False
         self._journaled: dict[str, set[int]] = {name: set() for name in self.arrays}
         self._counts = {"rows_read": 0, "rows_written": 0, "blocks_loaded": 0, "blocks_initialised": 0,
                         "blocks_staged": 0}
@@ -176,7 +199,8 @@ class ZarrBank(ClassBank):
                 self._tensors[name] = torch.empty((self.num_classes, self.dim), dtype=torch.float32, pin_memory=pin)
                 self._loaded[name] = torch.zeros(self.num_blocks, dtype=torch.bool)
                 self._dirty[name] = torch.zeros(self.num_blocks, dtype=torch.bool)
-        self._recover(attrs.get("pending_step"))
+        # Banks written before the two-phase flush recorded pending_step only at their commit point.
+        self._recover(attrs.get("pending_step"), bool(attrs.get("pending_committed", True)))
 
     # ------------------------------------------------------------------ construction
 
@@ -232,6 +256,7 @@ class ZarrBank(ClassBank):
             "format": FORMAT, "format_version": FORMAT_VERSION, "head_kind": head_kind,
             "num_classes": num_classes, "dim": dim, "dtype": "float32", "arrays": list(arrays),
             "chunk_rows": rows, "init_seed": seed, "init_std": float(init_std), "step": -1, "pending_step": None,
+            "pending_committed": False,
         })
         return cls.open(root, tier=tier, cache_blocks=cache_blocks)
 
@@ -306,6 +331,7 @@ class ZarrBank(ClassBank):
         rows = _check_rows(rows, ids.numel(), self.dim)
         with self._lock:
             self._check_open()
+            _check_not_pending(self._pending, f"write rows to the bank at {self.path}")
             self._counts["rows_written"] += ids.numel()
             if self.tier == "ram":
                 self._ram_ensure_loaded(array, ids)
@@ -323,29 +349,78 @@ class ZarrBank(ClassBank):
                 entry.dirty = True
 
     def flush(self, step: int) -> None:
-        """Makes every write durable and records ``step``; the ``step`` attribute is written last.
+        """``prepare`` then ``commit``, under one lock, so that a writer thread never sees the pending state."""
+        with self._lock:
+            super().flush(step)
 
-        See the module docstring for the journal protocol that keeps a crash from leaving a mix of two steps.
+    def prepare(self, step: int) -> None:
+        """Phase 1 of a flush: writes every dirty block to the journal, then records ``pending_step = step``.
 
         Raises:
-            BankError: the bank is read-only or closed, or ``step`` is negative.
+            BankError: the bank is read-only or closed, a flush is already pending, or ``step`` is negative.
+            DiskFullError: the disk filled up; the bank still reads as at ``step`` (the attribute) after a reopen.
         """
         if self.read_only:
             raise BankError(f"bank at {self.path} is open read-only; open it with read_only=False to flush")
         step = _check_step(step)
         with self._lock:
             self._check_open()
-            self._stage_dirty()
-            if any(self._journaled.values()):
-                self._write_attrs({"pending_step": step})  # commit point
-                self._apply_journal(step)
-            else:
-                self._write_attrs({"step": step, "pending_step": None})
-                self._step = step
+            _check_not_pending(self._pending, f"prepare a flush of the bank at {self.path}")
+            try:
+                self._stage_dirty()
+                self._write_attrs({"pending_step": step, "pending_committed": False})
+            except OSError as exc:
+                if exc.errno in _DISK_FULL:
+                    raise self._disk_full(exc) from exc
+                raise
+            self._pending = step
+        fault_point("bank.prepared")
+
+    def commit(self, step: int) -> None:
+        """Phase 2: moves the journal of the prepared flush into the main arrays and records ``step`` (last).
+
+        Raises:
+            BankError: the bank is read-only or closed, or no flush of ``step`` is pending.
+        """
+        if self.read_only:
+            raise BankError(f"bank at {self.path} is open read-only; open it with read_only=False to commit")
+        with self._lock:
+            self._check_open()
+            _check_commit(self._pending, step, f"the bank at {self.path}")
+            self._write_attrs({"pending_committed": True})  # from here on a crash completes the commit
+            fault_point("bank.commit")
+            found_at_open = self._pending_found_at_open
+            if found_at_open:  # this process did not stage the blocks: list them
+                for array in self.arrays:
+                    self._journaled[array] = self._list_journal(array)
+            self._apply_journal(step)
+            if found_at_open:  # rows read before the commit were those of the old step
+                self._reset_memory()
+
+    def rollback(self) -> None:
+        """Drops the prepared flush (if any) and every write since the last commit; reads are as at ``step``.
+
+        Raises:
+            BankError: the bank is read-only or closed.
+        """
+        if self.read_only:
+            raise BankError(f"bank at {self.path} is open read-only; open it with read_only=False to roll back")
+        with self._lock:
+            self._check_open()
+            self._discard_journal()  # first: it frees space, and a crash here leaves a pending flush to roll back
+            self._write_attrs({"pending_step": None, "pending_committed": False})
+            self._reset_memory()
+            self._pending = None
+            self._pending_found_at_open = False
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of a prepared flush not yet committed or rolled back; None when there is none."""
+        return self._pending
 
     @property
     def step(self) -> int:
-        """The step of the last completed ``flush``; -1 if the bank was never flushed."""
+        """The step of the last commit; -1 if the bank was never flushed."""
         return self._step
 
     def close(self) -> None:
@@ -411,7 +486,13 @@ class ZarrBank(ClassBank):
         lo, _ = self._block_range(first)
         _, hi = self._block_range(stop - 1)
         assert rows.shape == (hi - lo, self.dim), (rows.shape, lo, hi)
-        self._journal[array][lo:hi] = rows
+        fault_point("bank.stage")
+        try:
+            self._journal[array][lo:hi] = rows
+        except OSError as exc:  # also reached from an nvme eviction, outside prepare
+            if exc.errno in _DISK_FULL:
+                raise self._disk_full(exc) from exc
+            raise
         self._journaled[array].update(range(first, stop))
         self._counts["blocks_staged"] += stop - first
 
@@ -472,6 +553,25 @@ class ZarrBank(ClassBank):
         """Updates group attributes in one atomic write of ``zarr.json``."""
         self._group.update_attributes(updates)
 
+    def _disk_full(self, exc: OSError) -> DiskFullError:
+        return DiskFullError(f"no space left on the disk of the bank at {self.path} ({exc.strerror}); the bank and "
+                             f"checkpoints written before are intact: free space there (or set bank.path to a larger "
+                             f"disk and move the bank), then continue with --resume auto")
+
+    def _reset_memory(self) -> None:
+        """Forgets every row held in RAM, so the next reads come from the main arrays (or the initialiser)."""
+        for array in self.arrays:
+            if self.tier == "ram":
+                self._loaded[array].zero_()
+                self._dirty[array].zero_()
+            else:
+                self._cache[array].clear()
+
+    def _discard_journal(self) -> None:
+        for array in self.arrays:
+            shutil.rmtree(os.path.join(self.path, _JOURNAL, array, "c"), ignore_errors=True)
+            self._journaled[array] = set()
+
     def _apply_journal(self, step: int) -> None:
         """Moves journal chunk files over the main ones, then records ``step`` (flush steps 3 and 4)."""
         for array, blocks in self._journaled.items():
@@ -487,8 +587,10 @@ class ZarrBank(ClassBank):
                         pass  # a leftover temp file of an interrupted write; harmless
                 # Reads now find the block in the main array.
                 blocks.discard(block)
-        self._write_attrs({"step": step, "pending_step": None})  # written last
+        self._write_attrs({"step": step, "pending_step": None, "pending_committed": False})  # written last
         self._step = step
+        self._pending = None
+        self._pending_found_at_open = False
 
     def _list_journal(self, array: str) -> set[int]:
         root = os.path.join(self.path, _JOURNAL, array, "c")
@@ -497,23 +599,55 @@ class ZarrBank(ClassBank):
         return {int(entry.name) for entry in os.scandir(root)
                 if entry.name.isdigit() and os.path.isfile(os.path.join(entry.path, "0"))}
 
-    def _recover(self, pending_step: int | None) -> None:
-        """Completes a committed flush, or discards the journal of an uncommitted one (at open)."""
+    def _recover(self, pending_step: int | None, committed: bool) -> None:
+        """At open: discards a journal that belongs to no step, completes a decided commit, keeps an undecided one."""
         if pending_step is None:
-            if not self.read_only:  # blocks staged after the last flush belong to no consistent step
-                for array in self.arrays:
-                    shutil.rmtree(os.path.join(self.path, _JOURNAL, array, "c"), ignore_errors=True)
+            if not self.read_only:  # blocks staged after the last commit belong to no consistent step
+                self._discard_journal()
+            return
+        if not committed:  # prepared, then the process died: resolve() decides, reads stay at the old step
+            self._pending = int(pending_step)
+            self._pending_found_at_open = True
+            if self.read_only:
+                log.warning("bank at %s: a flush of step %d is prepared but not committed; reading step %d (the "
+                            "next training run settles it)", self.path, pending_step, self._step)
             return
         for array in self.arrays:
             self._journaled[array] = self._list_journal(array)
         if self.read_only:
-            log.warning("bank at %s: a flush of step %d was interrupted after its commit; reading it through the "
-                        "journal (open read-write once to complete it)", self.path, pending_step)
+            log.warning("bank at %s: a commit of step %d was interrupted; reading it through the journal (open "
+                        "read-write once to complete it)", self.path, pending_step)
             self._step = int(pending_step)
             return
-        log.warning("bank at %s: completing a flush of step %d that was interrupted after its commit",
-                    self.path, pending_step)
+        log.warning("bank at %s: completing a commit of step %d that was interrupted", self.path, pending_step)
         self._apply_journal(int(pending_step))
+
+
+def resolve_bank(path: str | os.PathLike[str], checkpoint_steps: Sequence[int]) -> str:
+    """Settles a flush a crash left prepared in the bank at ``path`` (see ``ClassBank.resolve``); no bank: nothing.
+
+    Args:
+        path: the bank directory (it may not exist).
+        checkpoint_steps: steps of the run's complete checkpoints.
+
+    Returns:
+        What was done: ``"committed"``, ``"rolled back"``, ``"nothing pending"`` or ``"no bank"``.
+
+    Raises:
+        BankError: ``path`` holds something that is not an offloadfr bank.
+    """
+    if not (Path(path) / "zarr.json").exists():
+        return "no bank"
+    bank = ZarrBank.open(path, tier="nvme", cache_blocks=1)
+    try:
+        pending = bank.pending_step
+        done = bank.resolve(checkpoint_steps)
+        if pending is not None:
+            log.warning("bank at %s: the flush of step %s prepared before a crash was %s (bank step now %d)",
+                        path, pending, done, bank.step)
+        return done
+    finally:
+        bank.close()
 
 
 _RAM_HEADROOM = 0.9

@@ -39,9 +39,22 @@ class BankWrapper(ClassBank):
         """Forwards to ``inner.write_rows``."""
         self.inner.write_rows(ids, rows, array)
 
-    def flush(self, step: int) -> None:
-        """Forwards to ``inner.flush``."""
-        self.inner.flush(step)
+    def prepare(self, step: int) -> None:
+        """Forwards to ``inner.prepare``."""
+        self.inner.prepare(step)
+
+    def commit(self, step: int) -> None:
+        """Forwards to ``inner.commit``."""
+        self.inner.commit(step)
+
+    def rollback(self) -> None:
+        """Forwards to ``inner.rollback``."""
+        self.inner.rollback()
+
+    @property
+    def pending_step(self) -> int | None:
+        """The inner bank's pending step."""
+        return self.inner.pending_step
 
     @property
     def step(self) -> int:

@@ -123,7 +123,7 @@ def read_index(root: str | os.PathLike[str]) -> DatasetIndex:
 
     Raises:
         DataNotFoundError: ``root``, its ``index.json`` or a shard it lists does not exist.
-        DataError: the index is malformed, of another format version, or lists zero samples.
+        DataError: the index is malformed, of another format version, or lists zero samples, or a shard is empty.
     """
     root = Path(root)
     index_path = root / INDEX_NAME
@@ -159,6 +159,9 @@ def read_index(root: str | os.PathLike[str]) -> DatasetIndex:
         if not shard.path.is_file():
             raise DataNotFoundError(f"shard {shard.path} listed in {index_path} does not exist; copy it back or "
                                     "re-create the dataset")
+        if shard.path.stat().st_size == 0:  # an interrupted copy: training would silently skip its samples
+            raise DataError(f"shard {shard.path} is empty (0 bytes) but {index_path} lists {shard.num_samples} "
+                            "samples in it; copy it again or re-create the dataset")
     return index
 
 

@@ -78,7 +78,16 @@ class Head(nn.Module):
         return {}
 
     def flush(self, step: int) -> None:
-        """Persists off-device state for a checkpoint at ``step``. Default: everything is in ``state_dict``."""
+        """Persists off-device state at ``step`` in one go (``prepare`` then ``commit``), outside a checkpoint."""
+        self.prepare(step)
+        self.commit(step)
+
+    def prepare(self, step: int) -> None:
+        """Checkpoint phase 1: makes off-device state durable at ``step`` without publishing it (the trainer then
+        writes the checkpoint, whose rename is the commit point). Default: everything is in ``state_dict``."""
+
+    def commit(self, step: int) -> None:
+        """Checkpoint phase 2, once the checkpoint of ``step`` is complete: publishes what ``prepare`` wrote."""
 
     def close(self) -> None:
         """Stops threads and closes files."""

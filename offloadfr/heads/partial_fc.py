@@ -172,13 +172,20 @@ class PartialFCHead(Head):
     def metrics(self) -> dict[str, float]:
         return {**self.prefetcher.metrics(), "cache/used_slots": float(self.dcc.num_used)}
 
-    def flush(self, step: int) -> None:
-        """Writes every resident row back and makes the bank durable at ``step`` (its recorded step)."""
+    def prepare(self, step: int) -> None:
+        """Writes every resident row back and prepares the bank's flush of ``step`` (``ClassBank.prepare``)."""
         self.prefetcher.write_back_all()
-        self.bank.flush(step)
+        self.bank.prepare(step)
+
+    def commit(self, step: int) -> None:
+        """Commits the bank's flush of ``step``: its recorded step becomes ``step``."""
+        self.bank.commit(step)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"negatives": self.negatives.state(), "num_steps": self.num_steps, "bank_step": self.bank.step}
+        # Inside a checkpoint the bank's flush is prepared, not committed yet: record the step it commits to.
+        pending = self.bank.pending_step
+        return {"negatives": self.negatives.state(), "num_steps": self.num_steps,
+                "bank_step": self.bank.step if pending is None else pending}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restores the negative stream and the step count of a checkpoint (the rows come from the bank).

@@ -3,10 +3,16 @@
 A checkpoint directory holds ``state.pt`` (engine, head, step, epoch, RNG states) and ``config.toml`` (the resolved
 run config, so ``offloadfr eval`` can rebuild the backbone). A directory that is not named ``step_*`` is never
 complete, so a crash mid-write leaves the previous checkpoint as the newest one.
+
+The rename is the commit point of the whole checkpoint, bank included: the trainer prepares the bank's flush before
+it and commits the bank after it, and after a crash ``ZarrBank`` settles a prepared flush by whether the checkpoint
+of its step exists (docs/checkpoints.md). A full disk raises ``DiskFullError`` and removes the partial directory.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import shutil
 from collections.abc import Callable
@@ -16,9 +22,10 @@ from typing import Any
 import torch
 
 from offloadfr.config import Config, config_from_dict, to_toml
-from offloadfr.errors import CheckpointError
+from offloadfr.errors import CheckpointError, DiskFullError
+from offloadfr.faults import fault_point
 
-__all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "load_checkpoint_config"]
+__all__ = ["save_checkpoint", "load_checkpoint", "list_checkpoints", "checkpoint_steps", "load_checkpoint_config"]
 
 _PREFIX = "step_"
 
@@ -29,6 +36,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints of a run, oldest first."""
+    return [int(p.name[len(_PREFIX):]) for p in list_checkpoints(run_dir)]
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: Config, *, keep: int,
@@ -46,28 +58,65 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: 
 
     Returns:
         The directory of the new checkpoint.
+
+    Raises:
+        DiskFullError: the disk filled up; the partial directory is removed and older checkpoints are intact.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.toml").write_text(to_toml(cfg))
-    if write_extra is not None:
-        write_extra(tmp)
-    for f in tmp.iterdir():
-        if f.is_dir():
-            continue
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    _remove_stale_temporaries(root)
+    try:
+        tmp.mkdir()
+        buffer = io.BytesIO()  # serialised in memory, so that a full disk surfaces as an OSError from write()
+        torch.save(state, buffer)
+        with open(tmp / "state.pt", "wb") as fh:
+            fh.write(buffer.getbuffer())
+        (tmp / "config.toml").write_text(to_toml(cfg))
+        if write_extra is not None:
+            write_extra(tmp)
+        for f in tmp.iterdir():
+            if f.is_dir():
+                continue
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except (OSError, RuntimeError) as exc:  # torch's C++ writers (DeepSpeed) report ENOSPC as a RuntimeError
+        if not _disk_full(exc, root):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFullError(f"no space left on the disk of {root} while writing the checkpoint of step {step}; "
+                            f"the checkpoints before it are intact: free space there (or lower "
+                            f"train.keep_checkpoints), then continue with --resume auto") from exc
+    fault_point("checkpoint.before_rename")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fault_point("checkpoint.after_rename")
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Deletes temporary directories left by processes that died while writing a checkpoint (they hold space)."""
+    for partial in root.glob(".tmp-step_*-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # still running (another rank writing): leave it
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def _disk_full(exc: BaseException, root: Path) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return shutil.disk_usage(root).free < (1 << 20)  # a writer that lost the errno: judge by the space left
 
 
 def _resolve(path: str | Path) -> Path:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from offloadfr.bank.zarr_bank import auto_chunk_rows
+from offloadfr.bank.zarr_bank import auto_chunk_rows, resolve_bank
 from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import DatasetIndex, read_index
@@ -43,7 +43,13 @@ from offloadfr.eval.verification import VerificationResult, evaluate_pack
 from offloadfr.heads import HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone
-from offloadfr.train.checkpoint import list_checkpoints, load_checkpoint, load_checkpoint_config, save_checkpoint
+from offloadfr.train.checkpoint import (
+    checkpoint_steps,
+    list_checkpoints,
+    load_checkpoint,
+    load_checkpoint_config,
+    save_checkpoint,
+)
 from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
 from offloadfr.train.engine import Engine
 from offloadfr.train.metrics import Progress, open_sinks, warn_once
@@ -175,6 +181,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     num_classes = index.num_classes
     engine = build_engine(cfg.engine, cfg.train, model, env.device)
     bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
+    resolve_bank(bank_path, checkpoint_steps(run_dir))  # a flush a crash left prepared: forward or back
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path))
     try:  # the head owns a prefetcher thread and open files: close it on every way out
@@ -361,7 +368,8 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any) -> int:
 
 
 def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config) -> Path:
-    head.flush(step)
+    """Two-phase: the head prepares its bank flush, the checkpoint's rename commits, then the head commits."""
+    head.prepare(step)
     state = {
         "step": step,
         "epoch": epoch,
@@ -376,7 +384,9 @@ def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any,
         def write_extra(tmp: Path) -> None:
             engine.save(tmp / "deepspeed", tag="engine")
 
-    return save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
+    path = save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
+    head.commit(step)
+    return path
 
 
 def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir: Path, *,
