@@ -7,6 +7,8 @@ and exit code 2.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "OffloadFRError",
     "ConfigError",
@@ -51,7 +53,10 @@ class NonFiniteError(OffloadFRError, FloatingPointError):
 
 
 class DiskFullError(OffloadFRError, OSError):
-    """The disk filled up while writing the bank or a checkpoint; what was written before is intact.
+    """The disk filled up while writing the bank, a checkpoint or the metrics; what was written before is intact.
 
     The message names the path and how to continue (free space, then ``--resume auto``).
     """
+
+    ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+    """The ``OSError.errno`` values that mean a full disk (or a full quota)."""

@@ -53,7 +53,6 @@ open a bank read-write (opening read-write discards a journal left without a com
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -95,7 +94,6 @@ FORMAT_VERSION = 1
 _CHUNK_BYTES = 2 << 20  # auto chunk_rows targets 2 MiB blocks (env-notes §5.2: 0.6-2.4 ms per 2-8 MiB chunk read)
 _STAGE_BYTES = 64 << 20  # the ram tier's flush writes runs of dirty blocks in slabs of at most this size
 _JOURNAL = "journal"
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _TIERS = ("ram", "nvme")
 
 Tier = Literal["ram", "nvme"]
@@ -370,7 +368,7 @@ class ZarrBank(ClassBank):
                 self._stage_dirty()
                 self._write_attrs({"pending_step": step, "pending_committed": False})
             except OSError as exc:
-                if exc.errno in _DISK_FULL:
+                if exc.errno in DiskFullError.ERRNOS:
                     raise self._disk_full(exc) from exc
                 raise
             self._pending = step
@@ -490,7 +488,7 @@ class ZarrBank(ClassBank):
         try:
             self._journal[array][lo:hi] = rows
         except OSError as exc:  # also reached from an nvme eviction, outside prepare
-            if exc.errno in _DISK_FULL:
+            if exc.errno in DiskFullError.ERRNOS:
                 raise self._disk_full(exc) from exc
             raise
         self._journaled[array].update(range(first, stop))

@@ -11,7 +11,6 @@ of its step exists (docs/checkpoints.md). A full disk raises ``DiskFullError`` a
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import shutil
@@ -115,7 +114,7 @@ def _remove_stale_temporaries(root: Path) -> None:
 
 def _disk_full(exc: BaseException, root: Path) -> bool:
     if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        return exc.errno in DiskFullError.ERRNOS
     return shutil.disk_usage(root).free < (1 << 20)  # a writer that lost the errno: judge by the space left
 
 

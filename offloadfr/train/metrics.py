@@ -6,10 +6,14 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
+
+from offloadfr.errors import DiskFullError
 
 __all__ = ["JsonlSink", "TensorBoardSink", "MetricSinks", "open_sinks", "Progress", "warn_once"]
 
@@ -60,32 +64,54 @@ class TensorBoardSink:
         self._writer.close()
 
 
-class MetricSinks:
-    """Sends every ``log`` call to each of ``sinks`` (a JSONL file, TensorBoard, ...)."""
+@contextmanager
+def _disk_full_as_error(run_dir: Path) -> Iterator[None]:
+    """Turns a full disk met while writing metrics into ``DiskFullError`` (exit 2, one line) instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DiskFullError.ERRNOS:
+            raise
+        raise DiskFullError(f"no space left on the disk of {run_dir} while writing the run's metrics; the checkpoints "
+                            "are intact: free space there, then continue with --resume auto") from exc
 
-    def __init__(self, sinks: list[JsonlSink | TensorBoardSink]) -> None:
+
+class MetricSinks:
+    """Sends every ``log`` call to each of ``sinks`` (a JSONL file, TensorBoard, ...) in ``run_dir``.
+
+    Raises:
+        DiskFullError: the disk of ``run_dir`` is full.
+    """
+
+    def __init__(self, run_dir: Path, sinks: list[JsonlSink | TensorBoardSink]) -> None:
+        self.run_dir = run_dir
         self.sinks = sinks
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        for sink in self.sinks:
-            sink.log(metrics, step)
+        self._each(lambda sink: sink.log(metrics, step))
 
     def close(self) -> None:
-        for sink in self.sinks:
-            sink.close()
+        self._each(lambda sink: sink.close())
+
+    def _each(self, call: Callable[[JsonlSink | TensorBoardSink], None]) -> None:
+        with _disk_full_as_error(self.run_dir):
+            for sink in self.sinks:
+                call(sink)
 
 
 def open_sinks(run_dir: str | Path, *, tensorboard: bool) -> MetricSinks:
     """The metric sinks of a run: ``run_dir/metrics.jsonl`` always, ``run_dir/tensorboard/`` when ``tensorboard``
     is on and the package is installed (else a warning, once, and the run goes on without it)."""
-    sinks: list[JsonlSink | TensorBoardSink] = [JsonlSink(Path(run_dir) / "metrics.jsonl")]
-    if tensorboard:
-        try:
-            sinks.append(TensorBoardSink(Path(run_dir) / "tensorboard"))
-        except ImportError:
-            warn_once("run.tensorboard is on but the tensorboard package is not installed: metrics go to "
-                      "metrics.jsonl only; pip install 'offloadfr[tensorboard]' or set run.tensorboard=false")
-    return MetricSinks(sinks)
+    run_dir = Path(run_dir)
+    with _disk_full_as_error(run_dir):
+        sinks: list[JsonlSink | TensorBoardSink] = [JsonlSink(run_dir / "metrics.jsonl")]
+        if tensorboard:
+            try:
+                sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+            except ImportError:
+                warn_once("run.tensorboard is on but the tensorboard package is not installed: metrics go to "
+                          "metrics.jsonl only; pip install 'offloadfr[tensorboard]' or set run.tensorboard=false")
+    return MetricSinks(run_dir, sinks)
 
 
 class Progress:
