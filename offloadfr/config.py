@@ -149,10 +149,11 @@ class ModelCfg:
 class HeadCfg:
     """[head]: the classifier over identities."""
 
-    kind: Literal["fc", "partial_fc", "pfc_dense"] = "fc"
+    kind: Literal["fc", "partial_fc", "pfc_dense", "vfc"] = "fc"
     """``fc``: all class centers on the device (small N only); ``partial_fc``: centers in the bank ([bank]), K of
     them resident in the device container ([cache]); ``pfc_dense``: arcface_torch's PartialFC_V2 on the device
-    (dense weight and momentum, negatives resampled every step; a baseline)."""
+    (dense weight and momentum, negatives resampled every step; a baseline); ``vfc``: Virtual FC, ``num_anchors``
+    anchors rebuilt from each batch's features (meant for the identity P×K sampler; docs/methods.md)."""
     sample_rate: float = _field(1.0, gt=0, le=1)
     """Partial FC heads: fraction of the classes in each step's softmax (the batch's positives are always in)."""
     momentum: float = _field(0.9, ge=0, lt=1)
@@ -161,14 +162,18 @@ class HeadCfg:
     """Weight decay of the class centers, applied only to rows that received a gradient."""
     lr_scale: float = _field(1.0, gt=0)
     """Head learning rate = ``lr_scale`` × the scheduled backbone learning rate."""
+    num_anchors: int = _field(1000, ge=2)
+    """``vfc``: M, the anchors (rows) of the virtual FC; identity ``i`` belongs to group ``i mod M``. The Virtual FC
+    code uses 1000. A batch can hold at most M distinct identities; identities beyond that are ignored."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LossCfg:
     """[loss]: the margin applied to the cosine logits, then softmax cross-entropy."""
 
-    kind: Literal["arcface", "cosface", "combined"] = "arcface"
-    """Margin: ``arcface`` s·cos(θ+m), ``cosface`` s·(cosθ−m), ``combined`` s·(cos(m1·θ+m2)−m3)."""
+    kind: Literal["arcface", "cosface", "combined", "adasin"] = "arcface"
+    """Margin: ``arcface`` s·cos(θ+m), ``cosface`` s·(cosθ−m), ``combined`` s·(cos(m1·θ+m2)−m3), ``adasin``
+    s·cos(θ+m) on the positive and hard negatives modulated by Φ = t + h·sin(θ/2) (docs/methods.md)."""
     s: float = _field(64.0, gt=0)
     """Logit scale."""
     arcface_m: float = 0.5
@@ -179,6 +184,20 @@ class LossCfg:
     """(m1, m2, m3) of ``combined``."""
     arcface_grad: Literal["analytic", "straight_through"] = "analytic"
     """``analytic``: true derivative of cos(θ+m); ``straight_through``: arcface_torch's (margin in the forward only)."""
+    adasin_m: float = 0.5
+    """``adasin``: angular margin of the positive (radians, in [0, π/2)); with ``adasin_positive = "adaptive"`` the
+    margin of a row is ``adasin_m`` × 2·sin(θ/2)."""
+    adasin_h: float = 0.333
+    """``adasin``: weight h of the difficulty sin(θ/2) in the modulation Φ = t + h·sin(θ/2) (>= 0; not published:
+    0.333 is AdaFace's h)."""
+    adasin_alpha: float = 0.01
+    """``adasin``: EMA rate of t, the running mean positive cosine (in (0, 1]; CurricularFace's 0.01)."""
+    adasin_positive: Literal["fixed", "adaptive"] = "fixed"
+    """``adasin``: positive penalty cos(θ + m) with ``fixed`` m (the default reconstruction) or ``adaptive``
+    m·2·sin(θ/2), growing with the difficulty."""
+    adasin_negatives: Literal["hard", "all", "none"] = "hard"
+    """``adasin``: negatives modulated to cos·(Φ + cos): ``hard`` ones (cos above the penalised positive, the
+    default reconstruction), ``all`` of them, or ``none`` (then adasin is ArcFace)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -199,10 +218,29 @@ class TrainCfg:
     """SGD momentum of the backbone."""
     weight_decay: float = _field(5e-4, ge=0)
     """Backbone weight decay."""
-    scheduler: Literal["poly", "cosine", "constant"] = "poly"
-    """``poly``: linear warmup then linear decay to 0 (arcface_torch); ``cosine``; ``constant``."""
+    scheduler: Literal["poly", "cosine", "constant", "multistep", "mhlr"] = "poly"
+    """``poly``: linear warmup then linear decay to 0 (arcface_torch); ``cosine``; ``constant``; ``multistep``: ×
+    ``multistep_gamma`` at each of ``multistep_milestones``; ``mhlr``: halve when the loss plateaus (Moving Haar LR,
+    the double-EMA form of its released code; docs/methods.md). Warmup comes first in every case."""
     warmup_steps: int = _field(0, ge=0)
     """Linear warmup steps from 0 to ``lr``."""
+    multistep_milestones: tuple[int, ...] = ()
+    """``multistep``: steps (not epochs) at which the learning rate is multiplied by ``multistep_gamma``, strictly
+    increasing; epoch milestones E become E × steps per epoch."""
+    multistep_gamma: float = _field(0.1, gt=0, le=1)
+    """``multistep``: factor applied at each milestone."""
+    mhlr_alpha: float = _field(0.001, gt=0, le=1)
+    """``mhlr``: rate α of the first EMA, of the per-step loss decrease."""
+    mhlr_beta: float = _field(0.001, gt=0, le=1)
+    """``mhlr``: rate β of the second EMA, of the first one."""
+    mhlr_threshold: float = _field(5e-5, gt=0)
+    """``mhlr``: λ; a step is on a plateau while the double EMA of the loss decrease is below it."""
+    mhlr_tolerance: float = _field(0.05, gt=0, le=1)
+    """``mhlr``: plateau steps before a halving, as a fraction of the run's steps (at least 1 step)."""
+    mhlr_factor: float = _field(2.0, gt=1)
+    """``mhlr``: δ; the learning rate is divided by it at each plateau."""
+    mhlr_max_decays: int = _field(8, ge=0)
+    """``mhlr``: the learning rate is divided at most this many times."""
     grad_clip: float = _field(5.0, ge=0)
     """Clip the backbone gradient norm to this (0: off)."""
     cpu_threads: int = _field(0, ge=0)
@@ -400,6 +438,17 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def _check_cross_fields(cfg: Config) -> None:
     check_synth(cfg.synth)
+    _check_milestones(cfg.train)
+
+
+def _check_milestones(t: TrainCfg) -> None:
+    ms = t.multistep_milestones
+    if any(m < 1 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+        raise ConfigError(f"train.multistep_milestones = {list(ms)} must be strictly increasing steps >= 1, "
+                          "e.g. [3000, 4000]")
+    if t.scheduler == "multistep" and not ms:
+        raise ConfigError("train.multistep_milestones = [] but train.scheduler = 'multistep' needs at least one "
+                          "milestone step, e.g. --set train.multistep_milestones=[3000,4000]")
 
 
 def check_synth(s: SynthCfg) -> None:

@@ -131,7 +131,8 @@ def test_straight_through_has_the_analytic_forward_but_plain_softmax_backward() 
     assert cos.grad[0, TARGET[0]].item() == pytest.approx(16.0)
 
 
-@pytest.mark.parametrize("kind", list_margins())
+# adasin also modulates hard negatives by design; tests/test_adasin.py pins its negatives and its -1 rows.
+@pytest.mark.parametrize("kind", [k for k in list_margins() if k != "adasin"])
 def test_rows_without_positive_and_negatives_are_plain_scaled_cosines(kind: str) -> None:
     """Catches a margin applied to column 0 (or any column) of a -1 row, or a change to non-target logits."""
     cfg = LossCfg(kind=kind)

@@ -1,7 +1,9 @@
-"""Margin losses on cosine logits (``loss.kind``): arcface, cosface, combined; see :mod:`offloadfr.losses.margins`."""
+"""Margin losses on cosine logits (``loss.kind``): arcface, cosface, combined (:mod:`offloadfr.losses.margins`) and
+adasin (:mod:`offloadfr.losses.adasin`)."""
 
 from __future__ import annotations
 
+from offloadfr.losses.adasin import AdaSin
 from offloadfr.losses.margins import (
     MARGINS,
     ArcFace,
@@ -16,6 +18,7 @@ from offloadfr.losses.margins import (
 
 __all__ = [
     "MARGINS",
+    "AdaSin",
     "ArcFace",
     "CombinedMargin",
     "CosFace",

@@ -209,7 +209,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
         step = 0
         ckpt = _find_resume(run_dir, resume)
         if ckpt is not None:
-            step = _restore(ckpt, cfg, engine, head)
+            step = _restore(ckpt, cfg, engine, head, schedule)
             print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
 
         sink = open_sinks(run_dir, tensorboard=cfg.run.tensorboard) if env.is_main else None
@@ -236,6 +236,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                 engine.backward(loss)
                 grad_norm = engine.grad_norm()
                 loss_value = loss.detach().item()
+                schedule.observe(step, loss_value)  # mhlr decides the next step's rate from the loss
                 if math.isfinite(loss_value) and math.isfinite(grad_norm):
                     engine.step(lr)
                     head.update(lr)
@@ -275,7 +276,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                     t_log, data_time, images_since_log = now, 0.0, 0
                 progress.update(step, metrics)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                    _checkpoint(run_dir, step, epoch, engine, head, cfg)
+                    _checkpoint(run_dir, step, epoch, engine, head, cfg, schedule)
         finally:
             stop.restore()
             batches.close()
@@ -283,7 +284,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             if sink is not None:
                 sink.close()
         elapsed = time.perf_counter() - t_start
-        last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg)
+        last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg, schedule)
     finally:
         head.close()
 
@@ -342,7 +343,7 @@ def _find_resume(run_dir: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
-def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any) -> int:
+def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSchedule) -> int:
     """Loads a checkpoint into ``engine`` and ``head``; returns its step.
 
     Raises:
@@ -361,13 +362,15 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any) -> int:
     else:
         engine.load_state_dict(state["engine"])
     head.load_state_dict(state["head"])
+    schedule.load_state_dict(state.get("schedule", {}))
     torch.set_rng_state(state["rng"]["torch"])
     if torch.cuda.is_available() and state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"])
 
 
-def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config) -> Path:
+def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config,
+                schedule: LRSchedule) -> Path:
     """Two-phase: the head prepares its bank flush, the checkpoint's rename commits, then the head commits."""
     head.prepare(step)
     state = {
@@ -375,6 +378,7 @@ def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any,
         "epoch": epoch,
         "engine": engine.state_dict(),
         "head": head.state_dict(),
+        "schedule": schedule.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
