@@ -130,21 +130,14 @@ class AdaSin(Margin):
         Raises:
             ValueError: ``cos_BC`` is not 2-D, or ``target_B`` is not one entry per row of ``cos_BC``.
         """
-        if cos_BC.dim() != 2 or target_B.shape != cos_BC.shape[:1]:
-            raise ValueError(f"margin expects cos_BC of shape (B, C) and target_B of shape (B,), got "
-                             f"{tuple(cos_BC.shape)} and {tuple(target_B.shape)}")
-        dtype = torch.promote_types(cos_BC.dtype, torch.float32)
-        cos_BC = cos_BC.to(dtype).clamp(-1.0, 1.0)  # out of place: the caller's tensor is never written
-        has_pos_B = target_B >= 0
-        col_B1 = target_B.clamp(min=0).unsqueeze(1)
-        cos_B = cos_BC.gather(1, col_B1).squeeze(1)
+        cos_BC, has_pos_B, col_B1, cos_B = self._positives(cos_BC, target_B)
         if self.training:
             self._update_t(cos_B.detach(), has_pos_B)
         t_B = self.target_cos(cos_B)
         logits_BC = cos_BC
         if self.negatives != "none":
             with torch.no_grad():
-                mod_B = (self.t.to(dtype) + self.h * half_angle_sin(cos_B)).unsqueeze(1)  # Φ per row
+                mod_B = (self.t.to(cos_BC.dtype) + self.h * half_angle_sin(cos_B)).unsqueeze(1)  # Φ per row
                 hard_BC = has_pos_B.unsqueeze(1).expand_as(cos_BC).clone()
                 if self.negatives == "hard":
                     hard_BC &= cos_BC > t_B.unsqueeze(1)

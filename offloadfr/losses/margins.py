@@ -153,18 +153,29 @@ class Margin(nn.Module):
         Raises:
             ValueError: ``cos_BC`` is not 2-D, or ``target_B`` is not one entry per row of ``cos_BC``.
         """
+        cos_BC, has_pos_B, col_B1, cos_B = self._positives(cos_BC, target_B)
+        phi_B = torch.where(has_pos_B, self.target_cos(cos_B), cos_B)
+        logits_BC = cos_BC * self.s
+        return logits_BC.scatter_(1, col_B1, (phi_B * self.s).unsqueeze(1))
+
+    @staticmethod
+    def _positives(cos_BC: torch.Tensor, target_B: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checks the shapes; returns ``(cos_BC, has_pos_B, col_B1, cos_B)``: the cosines as a clamped float32 (or
+        float64) copy, which rows have a positive, each row's positive column (0 for rows without one, read and
+        rewritten unchanged) as (B, 1), and the positive cosines.
+
+        Raises:
+            ValueError: ``cos_BC`` is not 2-D, or ``target_B`` is not one entry per row of ``cos_BC``.
+        """
         if cos_BC.dim() != 2 or target_B.shape != cos_BC.shape[:1]:
             # A shorter target would silently leave the last rows without a margin (gather accepts it).
             raise ValueError(f"margin expects cos_BC of shape (B, C) and target_B of shape (B,), got "
                              f"{tuple(cos_BC.shape)} and {tuple(target_B.shape)}")
         dtype = torch.promote_types(cos_BC.dtype, torch.float32)
         cos_BC = cos_BC.to(dtype).clamp(-1.0, 1.0)  # out of place: the caller's tensor is never written
-        has_pos_B = target_B >= 0
-        col_B1 = target_B.clamp(min=0).unsqueeze(1)  # rows without a positive read (and rewrite) column 0 unchanged
-        cos_B = cos_BC.gather(1, col_B1).squeeze(1)
-        phi_B = torch.where(has_pos_B, self.target_cos(cos_B), cos_B)
-        logits_BC = cos_BC * self.s
-        return logits_BC.scatter_(1, col_B1, (phi_B * self.s).unsqueeze(1))
+        col_B1 = target_B.clamp(min=0).unsqueeze(1)
+        return cos_BC, target_B >= 0, col_B1, cos_BC.gather(1, col_B1).squeeze(1)
 
 
 @register_margin("arcface")
