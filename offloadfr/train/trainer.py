@@ -35,7 +35,7 @@ from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.data.synth import generate_synthetic
-from offloadfr.dist import DistEnv
+from offloadfr.dist import DistEnv, barrier, check_launch, destroy_process_group, init_process_group
 from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from offloadfr.eval.verification import evaluate_pack
 from offloadfr.heads import HeadDeps, build_head
@@ -153,28 +153,39 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     Raises:
         OffloadFRError: bad config, missing data, or a non-finite loss (the step is stopped before any update).
     """
+    check_launch()
     env = DistEnv.from_env(cfg.run.device)
-    if env.world_size > 1:
-        raise ConfigError(f"WORLD_SIZE = {env.world_size}: multi-process training is not available yet; "
-                          "launch one process (accelerate launch --num_processes 1 launch/train.py)")
+    created_group = init_process_group(env)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        if created_group:
+            destroy_process_group()
+
+
+def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     if env.device.type == "cpu":
         torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) - cfg.data.num_workers))
     torch.manual_seed(cfg.run.seed)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
 
     # components that only need the config first, so a bad name or value fails before any data work
     model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                            image_size=cfg.model.image_size).to(env.device)
     margin = build_margin(cfg.loss).to(env.device)
-    index = ensure_dataset(cfg, is_main=env.is_main)
+    index = ensure_dataset(cfg, is_main=env.is_main) if env.is_main else None
+    barrier()  # rank 0 may have generated the dataset; the others read its index now
+    index = index or ensure_dataset(cfg, is_main=False)
     data_path = Path(cfg.data.path)
     num_classes = index.num_classes
     engine = build_engine(cfg.engine, cfg.train, model, env.device)
     bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
-                                         device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path))
+                                         device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path,
+                                         rank=env.rank, world_size=env.world_size))
     try:  # the head owns a prefetcher thread and open files: close it on every way out
 
         def loader_for(epoch: int) -> Any:
@@ -192,7 +203,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
         step = 0
         ckpt = _find_resume(run_dir, resume)
         if ckpt is not None:
-            step = _restore(ckpt, cfg, engine, head)
+            step = _restore(ckpt, cfg, engine, head, env)
             print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
 
         sink = JsonlSink(run_dir / "metrics.jsonl") if env.is_main else None
@@ -257,7 +268,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                     t_log, data_time, images_since_log = now, 0.0, 0
                 progress.update(step, metrics)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                    _checkpoint(run_dir, step, epoch, engine, head, cfg)
+                    _checkpoint(run_dir, step, epoch, engine, head, cfg, env)
         finally:
             stop.restore()
             batches.close()
@@ -265,7 +276,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             if sink is not None:
                 sink.close()
         elapsed = time.perf_counter() - t_start
-        last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg)
+        last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg, env)
     finally:
         head.close()
 
@@ -324,7 +335,7 @@ def _find_resume(run_dir: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
-def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any) -> int:
+def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, env: DistEnv) -> int:
     """Loads a checkpoint into ``engine`` and ``head``; returns its step.
 
     Raises:
@@ -338,7 +349,10 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any) -> int:
             raise CheckpointError(f"checkpoint {ckpt} has {key} = {theirs!r} but this run has {ours!r}; resume "
                                   f"with the checkpoint's config or start a new run.name")
     state, _ = load_checkpoint(ckpt)
-    if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir():
+    # rank-awareness: DeepSpeed's per-rank optimizer partitions fit only the process count that wrote them; on another
+    # count the consolidated weights of state.pt load (the optimizer state starts fresh).
+    same_world = int(state.get("world_size", 1)) == env.world_size
+    if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir() and same_world:
         engine.load(ckpt / "deepspeed", tag="engine")  # exact optimizer state (same process count)
     else:
         engine.load_state_dict(state["engine"])
@@ -349,23 +363,39 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any) -> int:
     return int(state["step"])
 
 
-def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config) -> Path:
+def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config,
+                env: DistEnv) -> Path:
     head.flush(step)
     state = {
         "step": step,
         "epoch": epoch,
+        "world_size": env.world_size,
         "engine": engine.state_dict(),
         "head": head.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     write_extra = None
-    if isinstance(engine, DeepSpeedEngine):  # the exact optimizer state lives in DeepSpeed's own checkpoint
+    if isinstance(engine, DeepSpeedEngine) and env.world_size == 1:  # exact optimizer state: DeepSpeed's checkpoint
 
         def write_extra(tmp: Path) -> None:
             engine.save(tmp / "deepspeed", tag="engine")
 
-    return save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
+    elif isinstance(engine, DeepSpeedEngine):
+        # rank-awareness: every rank writes its ZeRO partition into one shared staging directory, then rank 0 moves
+        # it into the checkpoint it writes alone.
+        staging = run_dir / "checkpoints" / f".ds-step_{step:08d}"
+        engine.save(staging, tag="engine")
+        barrier()
+
+        def write_extra(tmp: Path) -> None:
+            os.replace(staging, tmp / "deepspeed")
+
+    final = run_dir / "checkpoints" / f"step_{step:08d}"
+    if env.is_main:  # rank-awareness: state.pt and the config are global (all head rows, consolidated weights)
+        final = save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
+    barrier()
+    return final
 
 
 def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir: Path, *,
