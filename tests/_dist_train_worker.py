@@ -5,8 +5,9 @@ Without ``WORLD_SIZE`` it is the 1-process reference. Writes ``OUT_DIR/rank{r}_w
 backbone gradients (after DDP's average) and the gradient of every class center (N × D, all ranks' rows summed in).
 
 The parts are the real ones the trainer uses: the ``tiny`` backbone under :class:`PlainEngine` (DistributedDataParallel
-when W > 1), heads from :func:`build_head` with the rank and world size (``partial_fc`` over a real Zarr bank, one global
-store shared by the ranks), the same seeded global batch of N = 8 images, rank r taking rows ``[r·N/W, (r+1)·N/W)``.
+when W > 1), heads from :func:`build_head` with the rank and world size (``partial_fc`` over a real Zarr bank, one
+global store shared by the ranks), the same seeded global batch of N = 8 images, rank r taking rows
+``[r·N/W, (r+1)·N/W)``.
 The backbone is in eval mode: BatchNorm then normalises with its running statistics, so the per-sample result does
 not depend on which rows share a process (in train mode BatchNorm statistics are per rank, as in DDP and
 arcface_torch, and a 2-rank step differs from a 1-process step by design).
