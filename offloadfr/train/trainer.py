@@ -176,9 +176,10 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                            image_size=cfg.model.image_size).to(env.device)
     margin = build_margin(cfg.loss).to(env.device)
-    index = ensure_dataset(cfg, is_main=env.is_main) if env.is_main else None
+    index = ensure_dataset(cfg, is_main=True) if env.is_main else None
     barrier()  # rank 0 may have generated the dataset; the others read its index now
-    index = index or ensure_dataset(cfg, is_main=False)
+    if index is None:
+        index = ensure_dataset(cfg, is_main=False)
     data_path = Path(cfg.data.path)
     num_classes = index.num_classes
     engine = build_engine(cfg.engine, cfg.train, model, env.device)
