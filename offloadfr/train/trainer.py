@@ -61,7 +61,9 @@ class TrainResult:
         final_loss: mean loss over the last log interval.
         images_per_second: mean training throughput.
         checkpoint: directory of the final checkpoint.
-        eval: the verification result as written to ``eval.json`` (None when ``eval.at_end`` is false).
+        eval: the verification result as written to ``eval.json`` (None when ``eval.at_end`` is false, and on ranks
+            other than 0).
+        rank: the process's rank (only rank 0 prints the summary).
     """
 
     run_dir: Path
@@ -71,6 +73,7 @@ class TrainResult:
     images_per_second: float
     checkpoint: Path
     eval: dict[str, Any] | None
+    rank: int = 0
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -297,7 +300,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     return TrainResult(run_dir=run_dir, steps=step, stopped=bool(stop.requested),
                        final_loss=sum(window_loss) / max(1, len(window_loss)),
                        images_per_second=(step - start_step) * cfg.train.batch_size * env.world_size / elapsed,
-                       checkpoint=last_ckpt, eval=result_eval)
+                       checkpoint=last_ckpt, eval=result_eval, rank=env.rank)
 
 
 class _GracefulStop:
