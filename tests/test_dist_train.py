@@ -107,3 +107,14 @@ def test_check_launch_refuses_accelerate_replicas_on_cpu() -> None:
     check_launch({"WORLD_SIZE": "2"}, cuda_available=False)  # torchrun: no accelerate state to be wrong
     with pytest.raises(ConfigError, match="OMPI_COMM_WORLD_SIZE"):
         check_launch({"OMPI_COMM_WORLD_SIZE": "2"}, cuda_available=False)
+
+
+def test_pfc_dense_refuses_several_processes(tmp_path: Path) -> None:
+    from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg
+    from offloadfr.heads import HeadDeps, build_head
+    from offloadfr.losses import build_margin
+
+    deps = HeadDeps(margin=build_margin(LossCfg()), num_classes=10, dim=4, device=torch.device("cpu"), bank=BankCfg(),
+                    cache=CacheCfg(), bank_path=tmp_path / "bank", rank=0, world_size=2)
+    with pytest.raises(ConfigError, match="pfc_dense.*does not run on 2 processes"):
+        build_head(HeadCfg(kind="pfc_dense"), deps)
