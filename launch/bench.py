@@ -189,6 +189,10 @@ def _cmd_table(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "backbone":  # plain engine vs DeepSpeed configs: offloadfr/train/bench_backbone.py
+        from offloadfr.train.bench_backbone import main as backbone_main
+
+        return backbone_main(argv[1:])
     if argv and argv[0] == "_head_one":
         print(json.dumps(_head_one(json.loads(argv[1]))))
         return 0

@@ -35,7 +35,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from offloadfr.train.trainer import train
 
     result = train(cfg, resume=args.resume)
-    if result.stopped:
+    if result.stopped or result.rank != 0:  # one summary per run, from rank 0
         return 0
     summary = f"run {cfg.run.name}: {result.steps} steps, {result.images_per_second:.0f} img/s, " \
               f"final loss {result.final_loss:.3f}"

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -29,3 +31,20 @@ def test_head_bench_rows(tmp_path: Path) -> None:
     table = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "table", str(out)], capture_output=True,
                            text=True, timeout=60)
     assert table.returncode == 0 and table.stdout.count("\n") == 6
+
+
+@pytest.mark.slow
+def test_backbone_bench_rows(tmp_path: Path) -> None:
+    """``bench.py backbone`` in CI size: the plain engine and the ZeRO-2 CPU-offload engine each give an ok row."""
+    out = tmp_path / "backbone.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/bench.py"), "backbone", "--backbones", "tiny", "--engines", "plain",
+         "zero2_offload_cpu", "--batch-size", "4", "--image-size", "32", "--dim", "16", "--steps", "2",
+         "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["backbone"], r["engine"], r["status"]) for r in rows] == [("tiny", "plain", "ok"),
+                                                                         ("tiny", "zero2_offload_cpu", "ok")]
+    for r in rows:
+        assert 0 < r["step_ms_min"] <= r["step_ms_p50"] <= r["step_ms_max"] and r["peak_host_rss_GiB"] > 0
+        assert r["device_name"]

@@ -47,8 +47,11 @@ So the main arrays always hold exactly the state of one checkpoint, never a mix,
 ``DiskFullError`` and leaves the main arrays and attributes as they were.
 
 Thread safety: every public method holds one lock, so a prefetcher thread may read and write while the main thread
-flushes; all Zarr writes therefore come from one thread at a time (one writer per chunk). One process at a time may
+flushes; all Zarr writes therefore come from one thread at a time (one writer per chunk). One run at a time may
 open a bank read-write (opening read-write discards a journal left without a commit); readers open it read-only.
+The W ranks of one run share the bank: each writes only the blocks of its own id range (block-aligned), they prepare
+one after another, and rank 0 alone commits (the journal on disk holds every rank's blocks, so one commit point
+covers them all); the others then ``follow_commit``.
 """
 
 from __future__ import annotations
@@ -388,12 +391,31 @@ class ZarrBank(ClassBank):
             self._write_attrs({"pending_committed": True})  # from here on a crash completes the commit
             fault_point("bank.commit")
             found_at_open = self._pending_found_at_open
-            if found_at_open:  # this process did not stage the blocks: list them
-                for array in self.arrays:
-                    self._journaled[array] = self._list_journal(array)
+            for array in self.arrays:  # the journal on disk: also blocks staged by a crashed run or by other ranks
+                self._journaled[array] |= self._list_journal(array)
             self._apply_journal(step)
             if found_at_open:  # rows read before the commit were those of the old step
                 self._reset_memory()
+
+    def follow_commit(self, step: int) -> None:
+        """Takes note that another process sharing this bank (rank 0 of a multi-process run) committed the flush of
+        ``step`` that this process prepared its blocks of: they are in the main arrays now.
+
+        Raises:
+            BankError: the bank is closed, no flush of ``step`` is pending here, or the bank on disk is not committed
+                at ``step``.
+        """
+        with self._lock:
+            self._check_open()
+            _check_commit(self._pending, step, f"the bank at {self.path}")
+            attrs = zarr.open_group(self._group.store, mode="r").attrs.asdict()
+            if attrs.get("step") != step or attrs.get("pending_step") is not None:
+                raise BankError(f"bank at {self.path}: expected the flush of step {step} committed by rank 0, found "
+                                f"step={attrs.get('step')} pending_step={attrs.get('pending_step')}; resume from the "
+                                "newest checkpoint with --resume auto")
+            for array in self.arrays:
+                self._journaled[array] = set()
+            self._step, self._pending, self._pending_found_at_open = step, None, False
 
     def rollback(self) -> None:
         """Drops the prepared flush (if any) and every write since the last commit; reads are as at ``step``.
@@ -548,7 +570,9 @@ class ZarrBank(ClassBank):
             dirty.zero_()
 
     def _write_attrs(self, updates: dict[str, Any]) -> None:
-        """Updates group attributes in one atomic write of ``zarr.json``."""
+        """Updates group attributes in one atomic write of ``zarr.json``, starting from the attributes on disk (the
+        ranks of a multi-process run take turns writing them, so this process's copy may be stale)."""
+        self._group = zarr.open_group(self._group.store, mode="r+")
         self._group.update_attributes(updates)
 
     def _disk_full(self, exc: OSError) -> DiskFullError:

@@ -5,12 +5,14 @@ With one process (no process group) every primitive is the plain operation and r
 
 from offloadfr.dist.collectives import (
     all_gather_labels,
+    all_gather_rows,
     all_gather_with_grad,
     check_process_group,
     gather_batch_sizes,
     process_group_size,
 )
 from offloadfr.dist.env import DistEnv
+from offloadfr.dist.group import all_gather_objects, barrier, check_launch, destroy_process_group, init_process_group
 from offloadfr.dist.partition import ClassPartition
 from offloadfr.dist.sharded_ce import sharded_softmax_cross_entropy
 
@@ -19,6 +21,12 @@ __all__ = [
     "ClassPartition",
     "all_gather_with_grad",
     "all_gather_labels",
+    "all_gather_rows",
+    "all_gather_objects",
+    "barrier",
+    "check_launch",
+    "init_process_group",
+    "destroy_process_group",
     "gather_batch_sizes",
     "check_process_group",
     "process_group_size",

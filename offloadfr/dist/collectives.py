@@ -38,6 +38,7 @@ __all__ = [
     "check_process_group",
     "all_gather_with_grad",
     "all_gather_labels",
+    "all_gather_rows",
     "gather_batch_sizes",
 ]
 
@@ -211,3 +212,9 @@ def all_gather_labels(
     if process_group_size(group) == 1:
         return labels_B
     return _gather(labels_B, sizes, group)
+
+
+def all_gather_rows(x_B_: torch.Tensor, sizes: Sequence[int] | None = None, group: Group | None = None) -> torch.Tensor:
+    """Concatenates every rank's rows in rank order, without gradient (e.g. a partitioned head's class centers for a
+    checkpoint). Same contract as :func:`all_gather_labels`, for any dtype."""
+    return all_gather_labels(x_B_, sizes, group)

@@ -46,6 +46,10 @@ class ClassPartition:
     """W, the number of ranks the ids are split over."""
     rank: int
     """The rank whose range this object describes."""
+    align: int = 1
+    """Range boundaries fall on multiples of ``align`` ids (a bank's ``chunk_rows``, so that every bank chunk has
+    exactly one writing rank); the ranges are whole blocks of ``align`` ids split as the docstring says, the last
+    block possibly short. 1 gives the arcface_torch split."""
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -54,42 +58,60 @@ class ClassPartition:
             raise ConfigError(
                 f"rank = {self.rank} is outside [0, {self.world_size}); check the RANK and WORLD_SIZE variables"
             )
-        if self.num_classes < self.world_size:
+        if self.align < 1:
+            raise ConfigError(f"align = {self.align}; it must be >= 1 (ids per bank chunk)")
+        if self._num_blocks < self.world_size:
             raise ConfigError(
-                f"num_classes = {self.num_classes} is smaller than world_size = {self.world_size}; every rank must own "
-                "at least one class id: use fewer processes or a dataset with more identities"
+                f"num_classes = {self.num_classes} in blocks of {self.align} ids gives {self._num_blocks} blocks, fewer "
+                f"than world_size = {self.world_size}; every rank must own at least one block: use fewer processes, "
+                "a smaller bank.chunk_rows, or a dataset with more identities"
             )
 
     @classmethod
-    def for_env(cls, num_classes: int, env: DistEnv) -> ClassPartition:
+    def for_env(cls, num_classes: int, env: DistEnv, align: int = 1) -> ClassPartition:
         """The partition of ``num_classes`` ids for the rank and world size of ``env``.
 
         Args:
             num_classes: C, the number of identities.
             env: this process's rank and world size.
+            align: boundaries on multiples of this many ids (see the attribute).
 
         Returns:
-            ``ClassPartition(num_classes, env.world_size, env.rank)``.
+            ``ClassPartition(num_classes, env.world_size, env.rank, align)``.
 
         Raises:
             ConfigError: as the constructor.
         """
-        return cls(num_classes, env.world_size, env.rank)
+        return cls(num_classes, env.world_size, env.rank, align)
+
+    @property
+    def _num_blocks(self) -> int:
+        return -(-self.num_classes // self.align)
+
+    def _block_start(self, rank: int) -> int:
+        blocks = self._num_blocks
+        return blocks // self.world_size * rank + min(rank, blocks % self.world_size)
+
+    def range_of(self, rank: int) -> tuple[int, int]:
+        """``(class_start, class_end)`` of any rank of this partition."""
+        start = min(self._block_start(rank) * self.align, self.num_classes)
+        end = min(self._block_start(rank + 1) * self.align, self.num_classes)
+        return start, end
 
     @property
     def num_local(self) -> int:
-        """Number of ids this rank owns: ``C // W``, plus one on the first ``C % W`` ranks."""
-        return self.num_classes // self.world_size + int(self.rank < self.num_classes % self.world_size)
+        """Number of ids this rank owns: ``C // W``, plus one on the first ``C % W`` ranks (``align = 1``)."""
+        return self.class_end - self.class_start
 
     @property
     def class_start(self) -> int:
         """First id this rank owns."""
-        return self.num_classes // self.world_size * self.rank + min(self.rank, self.num_classes % self.world_size)
+        return self.range_of(self.rank)[0]
 
     @property
     def class_end(self) -> int:
         """One past the last id this rank owns."""
-        return self.class_start + self.num_local
+        return self.range_of(self.rank)[1]
 
     @property
     def local_slice(self) -> slice:
@@ -121,14 +143,15 @@ class ClassPartition:
             Same shape, dtype and device: the owning rank in ``[0, world_size)``, or ``-1`` for ids outside
             ``[0, num_classes)``.
         """
-        base, extra = divmod(self.num_classes, self.world_size)
-        # The first `extra` ranks hold base + 1 ids each, so ids below `boundary` are in equal blocks of base + 1 and
-        # the rest in blocks of base (base >= 1 because num_classes >= world_size).
+        base, extra = divmod(self._num_blocks, self.world_size)
+        # In units of blocks: the first `extra` ranks hold base + 1 blocks each, so blocks below `boundary` are in
+        # equal runs of base + 1 and the rest in runs of base (base >= 1 because num_blocks >= world_size).
+        blocks_B = torch.div(ids_B, self.align, rounding_mode="floor")
         boundary = extra * (base + 1)
         owner = torch.where(
-            ids_B < boundary,
-            torch.div(ids_B, base + 1, rounding_mode="floor"),
-            extra + torch.div(ids_B - boundary, base, rounding_mode="floor"),
+            blocks_B < boundary,
+            torch.div(blocks_B, base + 1, rounding_mode="floor"),
+            extra + torch.div(blocks_B - boundary, base, rounding_mode="floor"),
         )
         valid = (ids_B >= 0) & (ids_B < self.num_classes)
         return torch.where(valid, owner, torch.full_like(ids_B, -1))

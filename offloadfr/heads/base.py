@@ -20,10 +20,22 @@ import torch
 from torch import nn
 
 from offloadfr.config import BankCfg, CacheCfg, HeadCfg
-from offloadfr.losses import Margin
+from offloadfr.dist import (
+    ClassPartition,
+    all_gather_labels,
+    all_gather_rows,
+    all_gather_with_grad,
+    process_group_size,
+    sharded_softmax_cross_entropy,
+)
+from offloadfr.losses import Margin, margin_cross_entropy
 from offloadfr.registry import Registry
 
-__all__ = ["Head", "HeadDeps", "HEADS", "register_head", "build_head", "sgd_rows_"]
+__all__ = ["Head", "HeadDeps", "HEADS", "register_head", "build_head", "sgd_rows_", "gather_global_batch",
+           "partitioned_loss", "gather_partitioned_rows", "MULTI_PROCESS_HEADS"]
+
+MULTI_PROCESS_HEADS = ("fc", "partial_fc")
+"""Heads that partition their class ids over ranks (docs/distributed.md says why the others do not)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +50,8 @@ class HeadDeps:
         bank: the bank config (heads that keep rows off the device).
         cache: the DCC config (heads with a Dynamic Class Container).
         bank_path: the resolved Zarr directory of the bank.
+        rank: this process's rank; the head owns a contiguous range of ids (``dist.ClassPartition``).
+        world_size: W, the number of training processes; 1 is the plain path (no collective).
     """
 
     margin: Margin
@@ -47,6 +61,8 @@ class HeadDeps:
     bank: BankCfg
     cache: CacheCfg
     bank_path: Path
+    rank: int = 0
+    world_size: int = 1
 
 
 class Head(nn.Module):
@@ -103,6 +119,11 @@ def build_head(cfg: HeadCfg, deps: HeadDeps) -> Head:
     Raises:
         ConfigError: ``head.kind`` is not registered.
     """
+    if deps.world_size > 1 and cfg.kind not in MULTI_PROCESS_HEADS:
+        from offloadfr.errors import ConfigError
+
+        raise ConfigError(f"head.kind = {cfg.kind!r} does not run on {deps.world_size} processes (WORLD_SIZE); use one "
+                          f"of {', '.join(MULTI_PROCESS_HEADS)}, or launch 1 process (docs/distributed.md)")
     head = HEADS.get(cfg.kind)(cfg, deps)
     assert isinstance(head, Head)
     return head
@@ -119,3 +140,32 @@ def sgd_rows_(w_KD: torch.Tensor, grad_KD: torch.Tensor, mom_KD: torch.Tensor, *
     d_KD = grad_KD.add(w_KD, alpha=weight_decay) if weight_decay else grad_KD
     mom_KD.mul_(momentum).add_(d_KD)
     w_KD.sub_(mom_KD, alpha=lr)
+
+
+def gather_global_batch(emb_BD: torch.Tensor, labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a partitioned head: every rank's embeddings (with gradient) and labels, in rank order.
+
+    On the 1-process path both are returned unchanged. Ranks must have equal batch sizes (the loader's drop_last).
+    """
+    if process_group_size() == 1:
+        return emb_BD, labels_B
+    return all_gather_with_grad(emb_BD), all_gather_labels(labels_B)
+
+
+def partitioned_loss(logits_NC: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
+    """Mean softmax cross-entropy over the global batch when this rank holds only its own class columns.
+
+    ``target_N`` is the local column of each row's positive, or -1 when another rank owns it. One process:
+    :func:`margin_cross_entropy`; W processes: the sharded cross-entropy (max and sum-exp all-reduced).
+    """
+    if process_group_size() == 1:
+        return margin_cross_entropy(logits_NC, target_N)
+    return sharded_softmax_cross_entropy(logits_NC, target_N)
+
+
+def gather_partitioned_rows(rows_CD: torch.Tensor, partition: ClassPartition) -> torch.Tensor:
+    """All N rows of a tensor whose rows are partitioned by ``partition`` (a collective: every rank calls it)."""
+    if partition.world_size == 1:
+        return rows_CD
+    sizes = [end - start for start, end in map(partition.range_of, range(partition.world_size))]
+    return all_gather_rows(rows_CD.contiguous(), sizes)

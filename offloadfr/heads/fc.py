@@ -1,6 +1,10 @@
 """``fc``: the full classifier, every class center on the device (the baseline for small N).
 
-Legend: B = batch, D = embedding width, N = num_classes.
+Legend: B = batch, D = embedding width, N = num_classes, C = ids of this rank (N with one process).
+
+With W processes each rank holds the C rows of its contiguous id range (``dist.ClassPartition``), the embeddings and
+labels of the global batch are all-gathered, and the cross-entropy is sharded. Checkpoints hold all N rows (gathered
+at save, sliced at load), so a run saved on W processes resumes on any other number.
 
 The centers start from the bank's deterministic per-id initialiser, so ``fc`` and ``partial_fc`` (with every id
 resident) start from the same rows and follow the same trajectory. Every row is in the softmax, so every row gets a
@@ -15,8 +19,16 @@ from torch import nn
 
 from offloadfr.bank.init import initial_rows
 from offloadfr.config import HeadCfg
-from offloadfr.heads.base import Head, HeadDeps, register_head, sgd_rows_
-from offloadfr.losses import margin_cross_entropy
+from offloadfr.dist import ClassPartition
+from offloadfr.heads.base import (
+    Head,
+    HeadDeps,
+    gather_global_batch,
+    gather_partitioned_rows,
+    partitioned_loss,
+    register_head,
+    sgd_rows_,
+)
 
 __all__ = ["FCHead"]
 
@@ -39,18 +51,21 @@ class FCHead(Head):
         super().__init__()
         self.cfg = cfg
         self.margin = deps.margin
-        ids = torch.arange(deps.num_classes, dtype=torch.int64)
-        w_ND = initial_rows(ids, deps.dim, seed=deps.bank.seed, std=deps.bank.init_std)
-        self.weight = nn.Parameter(w_ND.to(deps.device))
+        self.partition = ClassPartition(deps.num_classes, deps.world_size, deps.rank)
+        ids = torch.arange(self.partition.class_start, self.partition.class_end, dtype=torch.int64)
+        w_CD = initial_rows(ids, deps.dim, seed=deps.bank.seed, std=deps.bank.init_std)
+        self.weight = nn.Parameter(w_CD.to(deps.device))
         self.register_buffer("momentum_buf", torch.zeros_like(self.weight))
+        if deps.world_size > 1:
+            self.register_state_dict_post_hook(_gather_rows_hook)
+            self.register_load_state_dict_pre_hook(_slice_rows_hook)
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """Margin softmax cross-entropy of ``emb_BD`` against all centers (computed in fp32)."""
-        emb_BD = F.normalize(emb_BD.float(), dim=1)
-        w_ND = F.normalize(self.weight, dim=1)
-        cos_BN = emb_BD @ w_ND.t()
-        logits_BN = self.margin(cos_BN, labels_B)
-        return margin_cross_entropy(logits_BN, labels_B)
+        """Margin softmax cross-entropy of the (global) batch against all centers (computed in fp32)."""
+        emb_ND, labels_N = gather_global_batch(emb_BD, labels_B)
+        target_N = self.partition.to_local(labels_N)
+        cos_NC = F.normalize(emb_ND.float(), dim=1) @ F.normalize(self.weight, dim=1).t()
+        return partitioned_loss(self.margin(cos_NC, target_N), target_N)
 
     @torch.no_grad()
     def update(self, lr: float) -> None:
@@ -65,3 +80,20 @@ class FCHead(Head):
     def skip(self) -> None:
         """Drops the gradient; no row moves."""
         self.weight.grad = None
+
+
+_ROWS = ("weight", "momentum_buf")
+
+
+def _gather_rows_hook(module: FCHead, state: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict: all N rows (a collective), so the checkpoint does not depend on the number of processes."""
+    for name in _ROWS:
+        state[prefix + name] = gather_partitioned_rows(state[prefix + name].detach(), module.partition)
+
+
+def _slice_rows_hook(module: FCHead, state: dict, prefix: str, *args: object) -> None:
+    """load_state_dict: keeps this rank's rows of a checkpoint that holds all N rows."""
+    for name in _ROWS:
+        key = prefix + name
+        if key in state and state[key].shape[0] == module.partition.num_classes:
+            state[key] = state[key][module.partition.local_slice]

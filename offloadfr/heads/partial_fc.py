@@ -17,6 +17,13 @@ Per step (DESIGN §5):
    decays and moves every one of its N rows every step, including rows that were not sampled.
 
 With K ≥ N and ``sample_rate = 1`` this head computes exactly what ``fc`` computes (tests/test_partial_fc.py).
+
+With W processes (docs/distributed.md): the ids are split into W contiguous ranges whose boundaries fall on bank
+blocks (``ClassPartition(align=chunk_rows)``), each rank has its own DCC, negative stream and prefetcher over its
+range, and all ranks share ONE global bank on disk, each writing only the chunks of its own range (one writer per
+chunk). The embeddings and labels of the global batch are all-gathered (also in ``plan``, so each rank prefetches the
+positives it owns from every rank's batch) and the cross-entropy is sharded. Because the bank is global, a run saved
+on W processes resumes on any other number.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ import torch.nn.functional as F
 from offloadfr.bank.zarr_bank import open_bank
 from offloadfr.cache import DynamicClassContainer, Prefetcher
 from offloadfr.config import HeadCfg
+from offloadfr.dist import ClassPartition, all_gather_labels, all_gather_objects, barrier
 from offloadfr.errors import CheckpointError
-from offloadfr.heads.base import Head, HeadDeps, register_head, sgd_rows_
-from offloadfr.losses import margin_cross_entropy
+from offloadfr.heads.base import Head, HeadDeps, gather_global_batch, partitioned_loss, register_head, sgd_rows_
 
 __all__ = ["PartialFCHead"]
 
@@ -41,8 +48,9 @@ _ARRAYS = ("centers", "momentum")
 class _NegativeStream:
     """An endless stream of ids: a random permutation of all ids per pass (of whole blocks when ``block_rows > 1``)."""
 
-    def __init__(self, num_classes: int, block_rows: int, seed: int) -> None:
+    def __init__(self, num_classes: int, block_rows: int, seed: int, first_id: int = 0) -> None:
         self.num_classes = num_classes
+        self.first_id = first_id  # the stream covers [first_id, first_id + num_classes): a rank's id range
         self.block_rows = max(1, block_rows)
         self.gen = torch.Generator().manual_seed(seed)
         self.buffer = torch.empty(0, dtype=torch.int64)
@@ -59,7 +67,7 @@ class _NegativeStream:
         while self.buffer.numel() < n:
             self._refill()
         out, self.buffer = self.buffer[:n], self.buffer[n:]
-        return out
+        return out + self.first_id
 
     def state(self) -> dict[str, Any]:
         return {"gen": self.gen.get_state(), "buffer": self.buffer.clone(), "passes": self.passes}
@@ -91,15 +99,25 @@ class PartialFCHead(Head):
         self.margin = deps.margin
         self.num_classes = deps.num_classes
         self.lookahead = deps.cache.lookahead
-        self.bank = open_bank(deps.bank, path=str(deps.bank_path), num_classes=deps.num_classes, dim=deps.dim,
-                              arrays=_ARRAYS, head_kind="partial_fc")
-        num_slots = min(deps.cache.num_slots or deps.num_classes, deps.num_classes)
+        self.device = deps.device
+        self.world_size = deps.world_size
+        # One global bank: the ranks open it one after the other (rank 0 creates it; opening read-write clears a
+        # stale journal, which must not race with another rank).
+        for turn in range(deps.world_size):
+            if turn == deps.rank:
+                self.bank = open_bank(deps.bank, path=str(deps.bank_path), num_classes=deps.num_classes, dim=deps.dim,
+                                      arrays=_ARRAYS, head_kind="partial_fc")
+            barrier()
+        self.partition = ClassPartition(deps.num_classes, deps.world_size, deps.rank, align=self.bank.chunk_rows)
+        num_local = self.partition.num_local
+        num_slots = min(deps.cache.num_slots or num_local, num_local)
         self.dcc = DynamicClassContainer(num_slots, deps.dim, arrays=_ARRAYS, device=deps.device,
                                          policy=deps.cache.policy)
         self.prefetcher = Prefetcher(self.bank, self.dcc, arrays=_ARRAYS, device=deps.device)
         block_rows = self.bank.chunk_rows if deps.bank.tier == "nvme" else 1
-        self.negatives = _NegativeStream(deps.num_classes, block_rows, seed=deps.bank.seed)
-        self.all_resident = num_slots >= deps.num_classes
+        self._stream_args = (num_local, block_rows, deps.bank.seed + deps.rank, self.partition.class_start)
+        self.negatives = _NegativeStream(*self._stream_args)
+        self.all_resident = num_slots >= num_local
         self._admitted_all = False  # all_resident: the first plan (after a start or a resume) takes every id
         self.num_planned = 0
         self.num_steps = 0
@@ -109,9 +127,14 @@ class PartialFCHead(Head):
     # ------------------------------------------------------------------------------------------------ the plan
     def plan(self, labels_B: torch.Tensor) -> None:
         """Submits the positives of a coming batch plus this step's quota of negatives to the prefetcher."""
-        positives = torch.unique(labels_B.detach().cpu().to(torch.int64))
+        labels_B = labels_B.detach().to(torch.int64)
+        if self.world_size > 1:  # every rank's batch: this rank fetches the positives it owns (a collective)
+            labels_B = all_gather_labels(labels_B.to(self.device))
+        positives = torch.unique(labels_B.cpu())
+        positives = positives[(positives >= self.partition.class_start) & (positives < self.partition.class_end)]
         if self.all_resident:
-            ids = positives if self._admitted_all else torch.arange(self.num_classes)
+            ids = positives if self._admitted_all else torch.arange(self.partition.class_start,
+                                                                    self.partition.class_end)
             self._admitted_all = True
         else:
             quota = max(0, self.dcc.num_slots // (self.lookahead + 1) - positives.numel())
@@ -124,18 +147,19 @@ class PartialFCHead(Head):
         if self.num_planned == self.num_steps:  # called without the trainer's lookahead (tests, benchmarks)
             self.plan(labels_B)
         self.prefetcher.ready(self.num_steps)
-        pos_slots_B = self.dcc.slots_of(labels_B)
+        emb_ND, labels_N = gather_global_batch(emb_BD, labels_B)
+        pos_slots_N = self.dcc.slots_of(labels_N)  # -1 for the ids other ranks own
         used_K = self.dcc.valid_K
         if self.cfg.sample_rate >= 1.0:
             active_A = torch.nonzero(used_K).reshape(-1)
         else:
-            active_A = self._sample(pos_slots_B, used_K)
-        # position of each positive in active_A (active_A is sorted, and contains every positive)
-        target_B = torch.searchsorted(active_A, pos_slots_B)
+            active_A = self._sample(pos_slots_N[pos_slots_N >= 0], used_K)
+        # position of each positive in active_A (active_A is sorted, and contains every positive of this rank)
+        target_N = torch.where(pos_slots_N >= 0, torch.searchsorted(active_A, pos_slots_N), -1)
         w_AD = self.dcc["centers"].index_select(0, active_A).requires_grad_(True)
         self._active_slots, self._w_AD = active_A, w_AD
-        cos_BA = F.normalize(emb_BD.float(), dim=1) @ F.normalize(w_AD, dim=1).t()
-        return margin_cross_entropy(self.margin(cos_BA, target_B), target_B)
+        cos_NA = F.normalize(emb_ND.float(), dim=1) @ F.normalize(w_AD, dim=1).t()
+        return partitioned_loss(self.margin(cos_NA, target_N), target_N)
 
     def _sample(self, pos_slots_B: torch.Tensor, used_K: torch.Tensor) -> torch.Tensor:
         """Sorted slots: every positive plus random other used slots, ``sample_rate`` × used slots in all."""
@@ -173,19 +197,36 @@ class PartialFCHead(Head):
         return {**self.prefetcher.metrics(), "cache/used_slots": float(self.dcc.num_used)}
 
     def prepare(self, step: int) -> None:
-        """Writes every resident row back and prepares the bank's flush of ``step`` (``ClassBank.prepare``)."""
+        """Writes every resident row back and prepares the bank's flush of ``step`` (``ClassBank.prepare``).
+
+        With W processes the ranks prepare one after the other (each stages only the chunks of its own id range, and
+        the bank's attributes are rewritten by one rank at a time).
+        """
         self.prefetcher.write_back_all()
-        self.bank.prepare(step)
+        for turn in range(self.world_size):
+            if turn == self.partition.rank:
+                self.bank.prepare(step)
+            barrier()
 
     def commit(self, step: int) -> None:
-        """Commits the bank's flush of ``step``: its recorded step becomes ``step``."""
-        self.bank.commit(step)
+        """Commits the bank's flush of ``step``: its recorded step becomes ``step``.
+
+        With W processes rank 0 commits the whole journal (every rank's chunks: one commit point), then the other
+        ranks take note of it.
+        """
+        if self.partition.rank == 0:
+            self.bank.commit(step)
+        barrier()
+        if self.partition.rank != 0:
+            self.bank.follow_commit(step)
 
     def get_extra_state(self) -> dict[str, Any]:
         # Inside a checkpoint the bank's flush is prepared, not committed yet: record the step it commits to.
         pending = self.bank.pending_step
-        return {"negatives": self.negatives.state(), "num_steps": self.num_steps,
-                "bank_step": self.bank.step if pending is None else pending}
+        bank_step = self.bank.step if pending is None else pending
+        mine = {"negatives": self.negatives.state(), "bank_step": bank_step}
+        # Every rank's stream (a collective), so that a resume on the same number of processes continues each one.
+        return {"num_steps": self.num_steps, "bank_step": bank_step, "ranks": all_gather_objects(mine)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restores the negative stream and the step count of a checkpoint (the rows come from the bank).
@@ -200,7 +241,11 @@ class PartialFCHead(Head):
                                   "restore the bank directory saved with this checkpoint")
         if self.num_planned:
             raise CheckpointError("load a partial_fc checkpoint before the first plan() of the run")
-        self.negatives.load(state["negatives"])
+        ranks = state.get("ranks", [{"negatives": state.get("negatives")}])
+        if len(ranks) == self.world_size:
+            self.negatives.load(ranks[self.partition.rank]["negatives"])
+        else:  # saved on another number of processes: the ranges differ, so each rank starts a fresh stream
+            self.negatives = _NegativeStream(*self._stream_args)
         self.num_steps = self.num_planned = state["num_steps"]
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """Engines train the backbone: forward, backward, clip and step. The head's rows are not theirs (heads/base.py).
 
-``PlainEngine`` is a PyTorch optimizer in this process. A DeepSpeed engine arrives behind the same methods, so the
-trainer never changes when ``engine.kind`` does.
+``PlainEngine`` is a PyTorch optimizer in this process; with W processes the backbone runs under
+``DistributedDataParallel``, which averages its gradients over ranks (what ``dist.all_gather_with_grad`` expects). A
+DeepSpeed engine arrives behind the same methods, so the trainer never changes when ``engine.kind`` does.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from offloadfr.config import TrainCfg
@@ -61,6 +63,10 @@ class Engine(Protocol):
 class PlainEngine:
     """A PyTorch optimizer (SGD or AdamW) in this process, with bf16 autocast where configured.
 
+    When a process group of more than one rank exists, the backbone is wrapped in ``DistributedDataParallel``
+    (gradients averaged over ranks); ``model`` stays the unwrapped backbone, so checkpoints hold plain weights that
+    load on any number of processes.
+
     Args:
         model: the backbone, already on ``device``.
         cfg: the ``[train]`` section (optimizer, momentum, weight decay, clipping, precision).
@@ -72,6 +78,10 @@ class PlainEngine:
         self.cfg = cfg
         self.device = device
         self.autocast_dtype = resolve_precision(cfg.precision, device)
+        self._forward_module: nn.Module = model
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._forward_module = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
         params = list(model.parameters())
         if cfg.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -86,7 +96,7 @@ class PlainEngine:
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            return self.model(images)
+            return self._forward_module(images)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

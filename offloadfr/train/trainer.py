@@ -37,7 +37,7 @@ from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.data.synth import generate_synthetic
-from offloadfr.dist import DistEnv
+from offloadfr.dist import DistEnv, barrier, check_launch, destroy_process_group, init_process_group
 from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from offloadfr.eval.verification import VerificationResult, evaluate_pack
 from offloadfr.heads import HeadDeps, build_head
@@ -69,7 +69,9 @@ class TrainResult:
         final_loss: mean loss over the last log interval.
         images_per_second: mean training throughput.
         checkpoint: directory of the final checkpoint.
-        eval: the verification result as written to ``eval.json`` (None when ``eval.at_end`` is false).
+        eval: the verification result as written to ``eval.json`` (None when ``eval.at_end`` is false, and on ranks
+            other than 0).
+        rank: the process's rank (only rank 0 prints the summary).
     """
 
     run_dir: Path
@@ -79,6 +81,7 @@ class TrainResult:
     images_per_second: float
     checkpoint: Path
     eval: dict[str, Any] | None
+    rank: int = 0
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -161,29 +164,43 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     Raises:
         OffloadFRError: bad config, missing data, or a non-finite loss (the step is stopped before any update).
     """
+    check_launch()
     env = DistEnv.from_env(cfg.run.device)
-    if env.world_size > 1:
-        raise ConfigError(f"WORLD_SIZE = {env.world_size}: multi-process training is not available yet; "
-                          "launch one process (accelerate launch --num_processes 1 launch/train.py)")
+    created_group = init_process_group(env)
+    try:
+        return _train(cfg, env, resume)
+    finally:
+        if created_group:
+            destroy_process_group()
+
+
+def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     if env.device.type == "cpu":
         torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) - cfg.data.num_workers))
     torch.manual_seed(cfg.run.seed)
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
 
     # components that only need the config first, so a bad name or value fails before any data work
     model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                            image_size=cfg.model.image_size).to(env.device)
     margin = build_margin(cfg.loss).to(env.device)
-    index = ensure_dataset(cfg, is_main=env.is_main)
+    index = ensure_dataset(cfg, is_main=True) if env.is_main else None
+    barrier()  # rank 0 may have generated the dataset; the others read its index now
+    if index is None:
+        index = ensure_dataset(cfg, is_main=False)
     data_path = Path(cfg.data.path)
     num_classes = index.num_classes
     engine = build_engine(cfg.engine, cfg.train, model, env.device)
     bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
-    resolve_bank(bank_path, checkpoint_steps(run_dir))  # a flush a crash left prepared: forward or back
+    if env.is_main:  # a flush a crash left prepared: forward or back (one process settles the global bank)
+        resolve_bank(bank_path, checkpoint_steps(run_dir))
+    barrier()
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
-                                         device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path))
+                                         device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path,
+                                         rank=env.rank, world_size=env.world_size))
     try:  # the head owns a prefetcher thread and open files: close it on every way out
         if cfg.data.sampler == "attention":
             raise ConfigError("data.sampler = 'attention' gives (B, 1+k, 3, S, S) query+key batches, which only an "
@@ -209,7 +226,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
         step = 0
         ckpt = _find_resume(run_dir, resume)
         if ckpt is not None:
-            step = _restore(ckpt, cfg, engine, head, schedule)
+            step = _restore(ckpt, cfg, engine, head, schedule, env)
             print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
 
         sink = open_sinks(run_dir, tensorboard=cfg.run.tensorboard) if env.is_main else None
@@ -276,7 +293,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
                     t_log, data_time, images_since_log = now, 0.0, 0
                 progress.update(step, metrics)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                    _checkpoint(run_dir, step, epoch, engine, head, cfg, schedule)
+                    _checkpoint(run_dir, step, epoch, engine, head, cfg, schedule, env)
         finally:
             stop.restore()
             batches.close()
@@ -284,7 +301,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             if sink is not None:
                 sink.close()
         elapsed = time.perf_counter() - t_start
-        last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg, schedule)
+        last_ckpt = _checkpoint(run_dir, step, epoch, engine, head, cfg, schedule, env)
     finally:
         head.close()
 
@@ -304,7 +321,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     return TrainResult(run_dir=run_dir, steps=step, stopped=bool(stop.requested),
                        final_loss=sum(window_loss) / max(1, len(window_loss)),
                        images_per_second=(step - start_step) * cfg.train.batch_size * env.world_size / elapsed,
-                       checkpoint=last_ckpt, eval=result_eval)
+                       checkpoint=last_ckpt, eval=result_eval, rank=env.rank)
 
 
 class _GracefulStop:
@@ -343,7 +360,7 @@ def _find_resume(run_dir: Path, resume: str | None) -> Path | None:
     return Path(resume)
 
 
-def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSchedule) -> int:
+def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSchedule, env: DistEnv) -> int:
     """Loads a checkpoint into ``engine`` and ``head``; returns its step.
 
     Raises:
@@ -357,7 +374,10 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSch
             raise CheckpointError(f"checkpoint {ckpt} has {key} = {theirs!r} but this run has {ours!r}; resume "
                                   f"with the checkpoint's config or start a new run.name")
     state, _ = load_checkpoint(ckpt)
-    if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir():
+    # rank-awareness: DeepSpeed's per-rank optimizer partitions fit only the process count that wrote them; on another
+    # count the consolidated weights of state.pt load (the optimizer state starts fresh).
+    same_world = int(state.get("world_size", 1)) == env.world_size
+    if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir() and same_world:
         engine.load(ckpt / "deepspeed", tag="engine")  # exact optimizer state (same process count)
     else:
         engine.load_state_dict(state["engine"])
@@ -370,12 +390,14 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSch
 
 
 def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any, cfg: Config,
-                schedule: LRSchedule) -> Path:
-    """Two-phase: the head prepares its bank flush, the checkpoint's rename commits, then the head commits."""
+                schedule: LRSchedule, env: DistEnv) -> Path:
+    """Two-phase: the head prepares its bank flush (every rank), rank 0 writes the checkpoint (its rename is the commit
+    point), then the head commits."""
     head.prepare(step)
     state = {
         "step": step,
         "epoch": epoch,
+        "world_size": env.world_size,
         "engine": engine.state_dict(),
         "head": head.state_dict(),
         "schedule": schedule.state_dict(),
@@ -383,14 +405,27 @@ def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any,
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     write_extra = None
-    if isinstance(engine, DeepSpeedEngine):  # the exact optimizer state lives in DeepSpeed's own checkpoint
+    if isinstance(engine, DeepSpeedEngine) and env.world_size == 1:  # exact optimizer state: DeepSpeed's checkpoint
 
         def write_extra(tmp: Path) -> None:
             engine.save(tmp / "deepspeed", tag="engine")
 
-    path = save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
+    elif isinstance(engine, DeepSpeedEngine):
+        # rank-awareness: every rank writes its ZeRO partition into one shared staging directory, then rank 0 moves
+        # it into the checkpoint it writes alone.
+        staging = run_dir / "checkpoints" / f".ds-step_{step:08d}"
+        engine.save(staging, tag="engine")
+        barrier()
+
+        def write_extra(tmp: Path) -> None:
+            os.replace(staging, tmp / "deepspeed")
+
+    final = run_dir / "checkpoints" / f"step_{step:08d}"
+    if env.is_main:  # rank-awareness: state.pt and the config are global (all head rows, consolidated weights)
+        final = save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
+    barrier()
     head.commit(step)
-    return path
+    return final
 
 
 def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir: Path, *,

@@ -1,0 +1,103 @@
+"""Resume across a change of process count: a run saved on 1 process resumes on 2 real gloo processes, and one saved on
+2 resumes on 1, for fc (rows gathered into the checkpoint), partial_fc (one global Zarr bank) and the DeepSpeed
+engine (consolidated weights). Each hop first re-saves the checkpoint it loaded without training (max_steps = its
+step), which must reproduce the saved state exactly, then trains on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offloadfr.train.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 400
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _train(root: Path, name: str, world: int, head: str, engine: str, max_steps: int, resume: bool) -> None:
+    sets = [f"data.path={root / 'data'}", f"run.output_dir={root / 'runs'}", f"run.name={name}",
+            "synth.num_identities=16", "synth.num_holdout=6", "synth.num_pairs=20", "synth.min_images=3",
+            "synth.max_images=8", "synth.mean_images=5.0", "synth.samples_per_shard=30", "data.num_workers=0",
+            f"train.batch_size={8 // world}", "train.epochs=2", "train.warmup_steps=0", "train.scheduler=constant",
+            f"train.max_steps={max_steps}", "eval.at_end=false", f"head.kind={head}", "bank.chunk_rows=4",
+            f"engine.kind={engine}", "train.cpu_threads=1"]
+    cmd = [sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "ds_configs/runs/synth_tiny.toml")]
+    cmd += [a for s in sets for a in ("--set", s)] + (["--resume", "auto"] if resume else [])
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        if world > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                       WORLD_SIZE=str(world))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    try:
+        outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{name}: {world}-process training did not finish in {TIMEOUT_S} s")
+    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"{name} rank {rank}/{world} exited with {p.returncode}:\n{out}"
+
+
+def _state(root: Path, name: str, step: int, head: str) -> dict[str, torch.Tensor]:
+    state, _ = load_checkpoint(root / "runs" / name / "checkpoints" / f"step_{step:08d}")
+    assert state["step"] == step
+    out = {f"model.{k}": v for k, v in state["engine"]["model"].items()}
+    if head == "fc":
+        out["head.weight"] = state["head"]["weight"]
+        out["head.momentum"] = state["head"]["momentum_buf"]
+    else:
+        from offloadfr.bank import ZarrBank
+
+        bank = ZarrBank.open(root / "runs" / name / "bank", read_only=True)
+        assert bank.step == step
+        out["bank.centers"] = bank.read_rows(torch.arange(16))
+        out["bank.momentum"] = bank.read_rows(torch.arange(16), "momentum")
+    return out
+
+
+def _copy_run(root: Path, src: str, dst: str) -> None:
+    shutil.copytree(root / "runs" / src, root / "runs" / dst)
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("head", "engine"), [("fc", "plain"), ("partial_fc", "plain"), ("fc", "deepspeed")])
+def test_resume_across_process_counts(tmp_path: Path, head: str, engine: str) -> None:
+    """Catches a checkpoint that holds only one rank's rows, a bank written per rank, or a DeepSpeed checkpoint that
+    loads only on its own process count: any of them fails a hop or changes the state it re-saves."""
+    _train(tmp_path, "a", 1, head, engine, max_steps=3, resume=False)
+    saved_on_1 = _state(tmp_path, "a", 3, head)
+    _copy_run(tmp_path, "a", "b")
+    _train(tmp_path, "b", 2, head, engine, max_steps=3, resume=True)  # 1 -> 2: load and re-save
+    _assert_same(_state(tmp_path, "b", 3, head), saved_on_1)
+    _train(tmp_path, "b", 2, head, engine, max_steps=5, resume=True)  # trains on with 2 processes
+    saved_on_2 = _state(tmp_path, "b", 5, head)
+    assert not torch.equal(next(iter(saved_on_2.values())), next(iter(saved_on_1.values())))
+    _copy_run(tmp_path, "b", "c")
+    _train(tmp_path, "c", 1, head, engine, max_steps=5, resume=True)  # 2 -> 1: load and re-save
+    _assert_same(_state(tmp_path, "c", 5, head), saved_on_2)
+    _train(tmp_path, "c", 1, head, engine, max_steps=6, resume=True)
+    assert _state(tmp_path, "c", 6, head)
