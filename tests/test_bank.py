@@ -231,6 +231,37 @@ def test_flush_interrupted_before_commit_keeps_old_step_and_rows(tmp_path: Path,
 
 
 @pytest.mark.parametrize("tier", ["ram", "nvme"])
+@pytest.mark.parametrize("crash", ["after_prepare", "after_rank0_commit", "none"])
+def test_two_ranks_share_one_commit_point(tmp_path: Path, tier: str, crash: str) -> None:
+    """Two ranks of one run hold the bank, each writing its own blocks; they prepare in turn, rank 0 commits.
+    Catches a commit that moves only rank 0's blocks (a crash before rank 1 takes note would then leave rank 1's
+    blocks of the committed step in a journal that the next open discards: a bank at step 2 with rows of step 1),
+    and attributes that one rank's stale copy turns back."""
+    rank0 = _create(tmp_path, tier)
+    rank1 = ZarrBank.open(tmp_path / "bank", tier=tier, cache_blocks=2)
+    ids0, ids1 = torch.arange(0, R), torch.arange(R, 2 * R)  # block 0 and block 1
+    for step, value in ((1, 1.0), (2, 2.0)):
+        rank0.write_rows(ids0, _rows(R, value))
+        rank1.write_rows(ids1, _rows(R, -value))
+        rank0.prepare(step)
+        rank1.prepare(step)
+        if step == 2 and crash == "after_prepare":  # the checkpoint of step 2 was written: resolve rolls forward
+            break
+        rank0.commit(step)
+        if step == 2 and crash == "after_rank0_commit":
+            break
+        rank1.follow_commit(step)
+        assert rank0.step == rank1.step == step
+    rank0.close()
+    rank1.close()
+    bank = ZarrBank.open(tmp_path / "bank", tier=tier)
+    assert bank.resolve([1, 2]) in ("committed", "nothing pending")
+    assert bank.step == 2
+    assert torch.equal(bank.read_rows(ids0), _rows(R, 2.0)) and torch.equal(bank.read_rows(ids1), _rows(R, -2.0))
+    bank.close()
+
+
+@pytest.mark.parametrize("tier", ["ram", "nvme"])
 def test_flush_interrupted_after_commit_completes_on_reopen(tmp_path: Path, tier: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Catches a committed flush that is lost or half-applied when the process dies before writing its step."""
