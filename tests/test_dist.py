@@ -7,11 +7,7 @@ ops in-process (no process group, so any collective would raise); the sharded ma
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +28,7 @@ from offloadfr.dist import (
 from offloadfr.errors import ConfigError
 
 from ._dist_worker import NUM_CLASSES, SCENARIOS, make_problem, rank_step, reference_step
+from ._ranks import run_ranks
 from .conftest import DEVICE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,52 +127,12 @@ def test_check_process_group_refuses_a_missing_group() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- 2 real gloo ranks
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Runs tests/_dist_worker.py as 2 gloo ranks; a hang past WORKER_TIMEOUT_S kills both and fails the test."""
     out_dir = tmp_path_factory.mktemp("gloo")
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests._dist_worker", str(out_dir)],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = "\n".join(f"--- rank {r}\n{p.communicate()[0]}" for r, p in enumerate(procs))
-        pytest.fail(f"2-process gloo workers did not finish in {WORKER_TIMEOUT_S} s (hang?)\n{logs}")
-    for r, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{out}"
+    run_ranks([sys.executable, "-m", "tests._dist_worker", str(out_dir)], 2, timeout_s=WORKER_TIMEOUT_S,
+              what="2-process gloo workers")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -5,10 +5,7 @@ step), which must reproduce the saved state exactly, then trains on."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,14 +14,10 @@ import torch
 
 from offloadfr.train.checkpoint import load_checkpoint
 
+from ._ranks import run_ranks
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 400
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _train(root: Path, name: str, world: int, head: str, engine: str, max_steps: int, resume: bool) -> None:
@@ -36,24 +29,7 @@ def _train(root: Path, name: str, world: int, head: str, engine: str, max_steps:
             f"engine.kind={engine}", "train.cpu_threads=1"]
     cmd = [sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "ds_configs/runs/synth_tiny.toml")]
     cmd += [a for s in sets for a in ("--set", s)] + (["--resume", "auto"] if resume else [])
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-        if world > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                       WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    try:
-        outs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{name}: {world}-process training did not finish in {TIMEOUT_S} s")
-    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, f"{name} rank {rank}/{world} exited with {p.returncode}:\n{out}"
+    run_ranks(cmd, world, timeout_s=TIMEOUT_S, what=f"{name}: training")
 
 
 def _state(root: Path, name: str, step: int, head: str) -> dict[str, torch.Tensor]:

@@ -3,11 +3,7 @@ and partial_fc heads over a global Zarr bank) give the same loss and gradients (
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +13,16 @@ import torch
 from offloadfr.dist import ClassPartition, check_launch
 from offloadfr.errors import ConfigError
 
+from ._ranks import run_ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_TIMEOUT_S = 240.0
 RTOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(out_dir: Path, world: int) -> list[dict[str, Any]]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
-        if world > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                       WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests._dist_train_worker", str(out_dir)], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"{world}-process workers did not finish in {WORKER_TIMEOUT_S} s (hang?)")
-    for r, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{out}"
+    run_ranks([sys.executable, "-m", "tests._dist_train_worker", str(out_dir)], world, timeout_s=WORKER_TIMEOUT_S,
+              what=f"{world}-process workers")
     return [torch.load(out_dir / f"rank{r}_w{world}.pt", weights_only=False) for r in range(world)]
 
 

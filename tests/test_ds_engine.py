@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from offloadfr.train.ds_engine import (
 )
 from offloadfr.train.engine import PlainEngine
 
-from .conftest import DEVICE
+from .conftest import DEVICE, single_process_afterwards
 
 REPO = Path(__file__).resolve().parent.parent
 DS_DIR = REPO / "ds_configs" / "deepspeed"
@@ -41,23 +40,13 @@ B, D, K, S = 4, 8, 5, 32
 LR = 0.05
 SGD = TrainCfg(batch_size=B, optimizer="sgd", lr=LR, momentum=0.9, weight_decay=5e-4, grad_clip=1.0,
                precision="fp32")
-_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR",
-             "TORCH_EXTENSIONS_DIR")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_process_state() -> Iterator[None]:
-    """The engine sets the distributed variables and DeepSpeed opens a 1-rank process group: undo both afterwards,
-    so later test files still see a plain single process (STYLE R2)."""
-    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """Later test files still see a plain single process."""
+    with single_process_afterwards():
+        yield
 
 
 def _backbone(seed: int = 0) -> nn.Module:

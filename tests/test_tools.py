@@ -22,6 +22,8 @@ from offloadfr.tools.backbone import load_backbone
 from offloadfr.train.metrics import Progress, open_sinks
 from offloadfr.train.trainer import TrainResult, train
 
+from .conftest import single_process_afterwards
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -283,26 +285,14 @@ def test_roc_points_are_thinned_but_keep_the_curve() -> None:
 def test_torchscript_export_after_zero3_in_the_same_process(tmp_path: Path) -> None:
     """Catches the export tracing DeepSpeed's process-wide F.linear replacement (left by any ZeRO-3 engine built
     earlier in the process, e.g. train then export in one script): TorchScript cannot save that call."""
-    import os
-
     from offloadfr.config import TrainCfg
     from offloadfr.tools.export import export_torchscript
     from offloadfr.train.ds_engine import DeepSpeedEngine
 
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
-    saved = {k: os.environ.get(k) for k in keys}
-    try:
+    with single_process_afterwards():  # the engine opens a 1-rank process group and sets the variables
         sgd = TrainCfg(batch_size=4, optimizer="sgd", lr=0.1, precision="fp32")
         DeepSpeedEngine(build_backbone("tiny", embedding_size=8, image_size=16), sgd, torch.device("cpu"),
                         ds_config={"zero_optimization": {"stage": 3}})
-    finally:  # the engine opened a 1-rank process group and set the distributed variables: undo both
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     model = build_backbone("tiny", embedding_size=8, image_size=16).eval()
     assert export_torchscript(model, tmp_path / "m.pt", image_size=16) == 0.0
 
