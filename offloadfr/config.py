@@ -149,11 +149,13 @@ class ModelCfg:
 class HeadCfg:
     """[head]: the classifier over identities."""
 
-    kind: Literal["fc", "partial_fc", "pfc_dense", "vfc"] = "fc"
+    kind: Literal["fc", "partial_fc", "pfc_dense", "vfc", "attfc"] = "fc"
     """``fc``: all class centers on the device (small N only); ``partial_fc``: centers in the bank ([bank]), K of
     them resident in the device container ([cache]); ``pfc_dense``: arcface_torch's PartialFC_V2 on the device
     (dense weight and momentum, negatives resampled every step; a baseline); ``vfc``: Virtual FC, ``num_anchors``
-    anchors rebuilt from each batch's features (meant for the identity P×K sampler; docs/methods.md)."""
+    anchors rebuilt from each batch's features (meant for the identity P×K sampler; docs/methods.md); ``attfc``:
+    AttFC, a FIFO of generative class centers made by an EMA key encoder from key images (needs
+    ``data.sampler = "attention"``; docs/methods.md)."""
     sample_rate: float = _field(1.0, gt=0, le=1)
     """Partial FC heads: fraction of the classes in each step's softmax (the batch's positives are always in)."""
     momentum: float = _field(0.9, ge=0, lt=1)
@@ -165,6 +167,18 @@ class HeadCfg:
     num_anchors: int = _field(1000, ge=2)
     """``vfc``: M, the anchors (rows) of the virtual FC; identity ``i`` belongs to group ``i mod M``. The Virtual FC
     code uses 1000. A batch can hold at most M distinct identities; identities beyond that are ignored."""
+    key_momentum: float = _field(0.999, ge=0, lt=1)
+    """``attfc``: m of the key encoder's EMA, θ_k ← m·θ_k + (1 − m)·θ_q after each optimizer step (the code's 0.999)."""
+    queue_fraction: float = _field(0.3, gt=0, le=1)
+    """``attfc``: size of the Dynamic Class Container (the FIFO of generative class centers) as a fraction of the
+    identities, Q = max(1, int(fraction × N)) (the code's 30 %, which it also rounds down to a multiple of the
+    batch)."""
+    attention_temperature: float = _field(1.0, gt=0)
+    """``attfc``: temperature τ of the key attention softmax_j(cos(query, key_j) / τ) (the code's 1; an option
+    because the paper's "quality weighting" formula was not available)."""
+    batch_negatives: bool = False
+    """``attfc``: also use the other samples' generative class centers of the batch as negatives (same label masked);
+    the code (false) uses only each query's own center and the queue."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -4,6 +4,7 @@ A head turns embeddings and labels into a loss, and owns the per-identity state 
 momentum). The trainer drives every head the same way, once per step::
 
     head.plan(labels_B)             # once per batch, in order, up to cache.lookahead batches before it is used
+    head.set_key_images(keys)       # attention batches only (attfc): the k key images of each query
     loss = head(emb_BD, labels_B)   # logits, margin, cross-entropy
     engine.backward(loss)           # gradients reach the backbone and the head's rows
     head.update(lr)                 # the head's own optimizer step on the rows that received a gradient
@@ -52,6 +53,9 @@ class HeadDeps:
         bank_path: the resolved Zarr directory of the bank.
         rank: this process's rank; the head owns a contiguous range of ids (``dist.ClassPartition``).
         world_size: W, the number of training processes; 1 is the plain path (no collective).
+        backbone: the trained backbone (the query encoder), for heads with an EMA twin (``attfc`` copies it as its
+            key encoder and reads its parameters after each step); None when the head needs none.
+        precision: the autocast dtype of the backbone's forward (float32: no autocast); twins run under it too.
     """
 
     margin: Margin
@@ -63,6 +67,8 @@ class HeadDeps:
     bank_path: Path
     rank: int = 0
     world_size: int = 1
+    backbone: nn.Module | None = None
+    precision: torch.dtype = torch.float32
 
 
 class Head(nn.Module):
@@ -74,6 +80,11 @@ class Head(nn.Module):
         The trainer calls it once for every batch, in the order the batches will reach ``forward``, up to
         ``cache.lookahead`` batches ahead. Heads with off-device rows start fetching them here. Default: nothing.
         """
+
+    def set_key_images(self, keys_BK: torch.Tensor) -> None:
+        """Hands over the key images of the coming ``forward``: normalised floats (B, k, 3, S, S) on the head's
+        device, item ``b`` the k keys of query ``b`` (``data.sampler = "attention"``). Only ``attfc`` takes them."""
+        raise NotImplementedError(f"{type(self).__name__} takes no key images; only head.kind = 'attfc' does")
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Returns the scalar training loss of embeddings ``emb_BD`` with global class ids ``labels_B``."""

@@ -51,7 +51,7 @@ from offloadfr.train.checkpoint import (
     save_checkpoint,
 )
 from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
-from offloadfr.train.engine import Engine
+from offloadfr.train.engine import Engine, resolve_precision
 from offloadfr.train.metrics import Progress, open_sinks, warn_once
 from offloadfr.train.schedulers import LRSchedule
 
@@ -198,13 +198,17 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     if env.is_main:  # a flush a crash left prepared: forward or back (one process settles the global bank)
         resolve_bank(bank_path, checkpoint_steps(run_dir))
     barrier()
+    if (cfg.head.kind == "attfc") != (cfg.data.sampler == "attention"):
+        raise ConfigError(f"head.kind = {cfg.head.kind!r} with data.sampler = {cfg.data.sampler!r}: the attfc head "
+                          "and the attention sampler (query + key images) go together; set both or neither")
+    if cfg.head.kind == "attfc" and getattr(engine, "zero_stage", 0) == 3:
+        raise ConfigError("head.kind = 'attfc' copies the backbone as its key encoder, which ZeRO stage 3 partitions; "
+                          "use ZeRO stage 0-2 in engine.deepspeed_config")
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path,
-                                         rank=env.rank, world_size=env.world_size))
+                                         rank=env.rank, world_size=env.world_size, backbone=engine.model,
+                                         precision=resolve_precision(cfg.train.precision, env.device)))
     try:  # the head owns a prefetcher thread and open files: close it on every way out
-        if cfg.data.sampler == "attention":
-            raise ConfigError("data.sampler = 'attention' gives (B, 1+k, 3, S, S) query+key batches, which only an "
-                              "AttFC head consumes and none is available yet; use another data.sampler")
         block_rows = min(num_classes, cfg.bank.chunk_rows) or auto_chunk_rows(num_classes, cfg.model.embedding_size)
         loaders: list[Any] = []  # this run's loaders, for their count of skipped corrupt samples (data/skipped)
 
@@ -246,6 +250,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
                 epoch, (images_u8, labels_B) = next(batches)
                 data_time += time.perf_counter() - t_data
                 lr = schedule(step)
+                if images_u8.dim() == 5:  # attention batches (B, 1+k, 3, S, S): the query, then the keys for attfc
+                    head.set_key_images(normalise_images(images_u8[:, 1:], env.device))
+                    images_u8 = images_u8[:, 0]
                 x = normalise_images(images_u8, env.device)
                 labels_dev = labels_B.to(env.device, non_blocking=True)
                 emb_BD = engine.forward(x)
