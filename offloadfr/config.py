@@ -453,6 +453,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def _check_cross_fields(cfg: Config) -> None:
     check_synth(cfg.synth)
     _check_milestones(cfg.train)
+    if (cfg.head.kind == "attfc") != (cfg.data.sampler == "attention"):
+        raise ConfigError(f"head.kind = {cfg.head.kind!r} with data.sampler = {cfg.data.sampler!r}: the attfc head "
+                          "and the attention sampler (query + key images) go together; set both or neither")
 
 
 def _check_milestones(t: TrainCfg) -> None:

@@ -292,14 +292,3 @@ def test_skipped_reach_metrics_jsonl(dataset: Path, tmp_path: Path) -> None:
     assert rows[-1]["step"] == result.steps
     assert rows[-1]["data/skipped"] >= 2
     assert Counter(r["data/skipped"] >= rows[0]["data/skipped"] for r in rows)[True] == len(rows)  # a running total
-
-
-def test_attention_refused_by_trainer(dataset: Path, tmp_path: Path) -> None:
-    """Catches the trainer feeding (B, 1+k, 3, S, S) attention batches to a head other than attfc."""
-    cfg = load_config(REPO / "ds_configs/runs/synth_tiny.toml", [
-        f"data.path={dataset}", "data.generate_if_missing=false", "data.sampler='attention'",
-        f"run.output_dir={tmp_path}", "model.image_size=16", "model.embedding_size=16", "data.num_workers=0",
-        "train.batch_size=8", "train.max_steps=2", "eval.at_end=false",
-    ])
-    with pytest.raises(ConfigError, match="attention"):
-        train(cfg)

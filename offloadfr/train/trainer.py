@@ -198,9 +198,6 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     if env.is_main:  # a flush a crash left prepared: forward or back (one process settles the global bank)
         resolve_bank(bank_path, checkpoint_steps(run_dir))
     barrier()
-    if (cfg.head.kind == "attfc") != (cfg.data.sampler == "attention"):
-        raise ConfigError(f"head.kind = {cfg.head.kind!r} with data.sampler = {cfg.data.sampler!r}: the attfc head "
-                          "and the attention sampler (query + key images) go together; set both or neither")
     if cfg.head.kind == "attfc" and getattr(engine, "zero_stage", 0) == 3:
         raise ConfigError("head.kind = 'attfc' copies the backbone as its key encoder, which ZeRO stage 3 partitions; "
                           "use ZeRO stage 0-2 in engine.deepspeed_config")
