@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from offloadfr.bank import ZarrBank
 from offloadfr.bank.zarr_bank import resolve_bank
 from offloadfr.cli import main
 from offloadfr.train.checkpoint import checkpoint_steps
+
+from ._ranks import run_ranks
 
 NUM_IDS = 16
 TINY = ["synth.num_identities=16", "synth.num_holdout=6", "synth.num_pairs=20", "synth.min_images=3",
@@ -174,3 +177,20 @@ def test_real_tmpfs_full(tmp_path: Path, data: Path, capsys: pytest.CaptureFixtu
         assert checkpoint_steps(run_dir)[-1] == 8
     finally:
         subprocess.run(["umount", str(fs)], check=False)
+
+
+def test_full_disk_on_rank0_stops_every_rank(tmp_path: Path, data: Path) -> None:
+    """Catches rank 1 waiting for, or crashing with a traceback after, a checkpoint that rank 0 could not write (2 real
+    gloo ranks): both exit with code 2, rank 0 naming the full disk and rank 1 the failure of rank 0, and no checkpoint
+    exists."""
+    argv = ["train"]
+    for kv in [f"data.path={data}", f"run.output_dir={tmp_path / 'runs'}", "run.name=run", "train.max_steps=4",
+               *TINY, "train.batch_size=4"]:
+        argv += ["--set", kv]
+    outputs = run_ranks([sys.executable, "-m", "tests._diskfull_rank_worker", str(tmp_path), *argv], 2,
+                        timeout_s=240, what="2 ranks, rank 0's checkpoint disk full")
+    assert [(tmp_path / f"rank{r}.rc").read_text() for r in range(2)] == ["2", "2"], outputs
+    assert "no space left on the disk of" in outputs[0], outputs[0]
+    assert "rank 0 could not write the checkpoint of step 2" in outputs[1], outputs[1]
+    assert checkpoint_steps(tmp_path / "runs" / "run") == []
+

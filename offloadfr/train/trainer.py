@@ -37,8 +37,15 @@ from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.data.synth import generate_synthetic
-from offloadfr.dist import DistEnv, barrier, check_launch, destroy_process_group, init_process_group
-from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from offloadfr.dist import (
+    DistEnv,
+    all_gather_objects,
+    barrier,
+    check_launch,
+    destroy_process_group,
+    init_process_group,
+)
+from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError, OffloadFRError
 from offloadfr.eval.verification import VerificationResult, evaluate_pack
 from offloadfr.heads import HeadDeps, build_head
 from offloadfr.losses import build_margin
@@ -425,9 +432,18 @@ def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any,
             os.replace(staging, tmp / "deepspeed")
 
     final = run_dir / "checkpoints" / f"step_{step:08d}"
+    failure = None
     if env.is_main:  # rank-awareness: state.pt and the config are global (all head rows, consolidated weights)
-        final = save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints, write_extra=write_extra)
-    barrier()
+        try:
+            final = save_checkpoint(run_dir, step, state, cfg, keep=cfg.train.keep_checkpoints,
+                                    write_extra=write_extra)
+        except OffloadFRError as exc:  # a full disk: every rank must learn it, or the others wait forever
+            failure = exc
+    rank0_failure = all_gather_objects(None if failure is None else str(failure))[0]
+    if failure is not None:
+        raise failure
+    if rank0_failure is not None:
+        raise CheckpointError(f"rank 0 could not write the checkpoint of step {step}: {rank0_failure}")
     head.commit(step)
     return final
 
