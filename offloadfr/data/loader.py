@@ -183,6 +183,20 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         note = ""
         owed = 0  # corrupt samples waiting for a substitute
         last: tuple[np.ndarray, int] | None = None
+
+        def put(img: np.ndarray, label: int) -> tuple[torch.Tensor, torch.Tensor, int, str] | None:
+            """Places one (randomly flipped) image in the batch; returns the batch when that filled it."""
+            nonlocal filled, produced, num_bad, note
+            images[filled] = img[:, ::-1] if rng.random() < 0.5 else img
+            labels[filled] = label
+            filled += 1
+            produced += 1
+            if filled < self.batch_size:
+                return None
+            batch = self._emit(images, labels, num_bad, note)
+            filled = num_bad = 0
+            note = ""
+            return batch
         for sample in mixed:
             try:
                 item = _decode(sample, size)
@@ -194,15 +208,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
                 continue
             last = item
             for _ in range(1 + owed):
-                img, label = item
-                images[filled] = img[:, ::-1] if rng.random() < 0.5 else img
-                labels[filled] = label
-                filled += 1
-                produced += 1
-                if filled == self.batch_size:
-                    yield self._emit(images, labels, num_bad, note)
-                    filled = num_bad = 0
-                    note = ""
+                if (batch := put(*item)) is not None:
+                    yield batch
             owed = 0
         if owed:
             if last is None:
@@ -210,14 +217,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
                                 f"(first shard {self.segments[worker][0].path}); the dataset is corrupt: "
                                 "re-create or re-convert it")
             for _ in range(owed):
-                images[filled] = last[0][:, ::-1] if rng.random() < 0.5 else last[0]
-                labels[filled] = last[1]
-                filled += 1
-                produced += 1
-                if filled == self.batch_size:
-                    yield self._emit(images, labels, num_bad, note)
-                    filled = num_bad = 0
-                    note = ""
+                if (batch := put(*last)) is not None:
+                    yield batch
         assert produced == want and filled == 0, f"reader produced {produced} of {want} samples"
 
     @staticmethod
