@@ -402,3 +402,29 @@ def test_ram_tier_that_does_not_fit_is_refused_before_training(tmp_path: Path) -
         open_bank(BankCfg(tier="ram"), path=tmp_path / "b", num_classes=100_000_000, dim=512,
                   arrays=("centers", "momentum"), head_kind="partial_fc")
     assert not (tmp_path / "b").exists()
+
+
+def test_ram_tier_rank_holds_only_its_partition(tmp_path: Path) -> None:
+    """Catches a ram tier that allocates (and, with CUDA, pins) the whole bank in every rank of a multi-process run:
+    a rank holding ids [R, 3R) must have a 2R-row tensor, serve and flush its rows at the right global ids, and
+    refuse ids of other ranks."""
+    _create(tmp_path, "ram").close()
+    bank = ZarrBank.open(tmp_path / "bank", tier="ram")
+    bank.hold_rows(R, 3 * R)
+    ids = torch.tensor([R, 2 * R + 1, 3 * R - 1])
+    bank.write_rows(ids, _rows(3, 7.0))
+    assert bank._tensors["centers"].shape == (2 * R, bank.dim)  # noqa: SLF001 - the allocation is the point
+    assert torch.equal(bank.read_rows(ids), _rows(3, 7.0))
+    with pytest.raises(BankError, match=rf"outside the ids \[{R}, {3 * R}\)"):
+        bank.read_rows(torch.tensor([R - 1]))
+    with pytest.raises(BankError, match="before the first read"):
+        bank.hold_rows(0, R)
+    bank.flush(1)
+    bank.close()
+    full = ZarrBank.open(tmp_path / "bank", tier="ram")
+    assert torch.equal(full.read_rows(ids), _rows(3, 7.0))
+    untouched = torch.tensor([R + 1])
+    assert torch.equal(full.read_rows(untouched), initial_rows(untouched, full.dim, seed=3, std=0.02))
+    with pytest.raises(BankError, match="block boundary"):
+        ZarrBank.open(tmp_path / "bank", tier="ram").hold_rows(1, R)
+    full.close()

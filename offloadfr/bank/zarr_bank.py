@@ -23,7 +23,9 @@ All Zarr I/O moves whole blocks: one chunk-aligned slab read or write, never a p
 Tiers:
     ``ram``: one (N, D) host tensor per array (pinned when CUDA is available), filled block by block on first touch;
     reads and writes are ``index_select`` / ``index_copy_``; writes mark their blocks dirty. The tensors are
-    allocated at open, so the host must have N * D * 4 bytes per array (the trainer checks before choosing it).
+    allocated on the first read or write, so the host must have N * D * 4 bytes per array (``open_bank`` checks).
+    A rank of a multi-process run holds only its own id range: ``hold_rows(start, end)`` before the first access
+    makes the tensors (end − start) × D, and ids outside the range are refused.
     ``nvme``: an LRU of at most ``cache_blocks`` blocks per array in RAM; a miss loads the block with one Zarr read
     (or initialises it); writes go into the cached block; evicting a dirty block writes it to the journal.
 
@@ -194,12 +196,7 @@ class ZarrBank(ClassBank):
         self._dirty: dict[str, torch.Tensor] = {}
         # nvme tier state
         self._cache: dict[str, OrderedDict[int, _Block]] = {name: OrderedDict() for name in self.arrays}
-        if tier == "ram":
-            pin = torch.cuda.is_available()
-            for name in self.arrays:
-                self._tensors[name] = torch.empty((self.num_classes, self.dim), dtype=torch.float32, pin_memory=pin)
-                self._loaded[name] = torch.zeros(self.num_blocks, dtype=torch.bool)
-                self._dirty[name] = torch.zeros(self.num_blocks, dtype=torch.bool)
+        self._held = (0, self.num_classes)  # ram tier: the ids held in RAM (``hold_rows``), allocated on first use
         # Banks written before the two-phase flush recorded pending_step only at their commit point.
         self._recover(attrs.get("pending_step"), bool(attrs.get("pending_committed", True)))
 
@@ -310,8 +307,7 @@ class ZarrBank(ClassBank):
             self._check_open()
             self._counts["rows_read"] += ids.numel()
             if self.tier == "ram":
-                self._ram_ensure_loaded(array, ids)
-                return self._tensors[array].index_select(0, ids)
+                return self._ram_tensor(array, ids).index_select(0, ids - self._held[0])
             out = torch.empty((ids.numel(), self.dim), dtype=torch.float32)
             for block, pos in self._group_by_block(ids):
                 entry = self._nvme_block(array, block)
@@ -335,9 +331,8 @@ class ZarrBank(ClassBank):
             _check_not_pending(self._pending, f"write rows to the bank at {self.path}")
             self._counts["rows_written"] += ids.numel()
             if self.tier == "ram":
-                self._ram_ensure_loaded(array, ids)
-                self._tensors[array].index_copy_(0, ids, rows)
-                self._dirty[array][ids // self.chunk_rows] = True
+                self._ram_tensor(array, ids).index_copy_(0, ids - self._held[0], rows)
+                self._dirty[array][ids // self.chunk_rows - self._held[0] // self.chunk_rows] = True
                 return
             for block, pos in self._group_by_block(ids):
                 lo, hi = self._block_range(block)
@@ -516,17 +511,55 @@ class ZarrBank(ClassBank):
         self._journaled[array].update(range(first, stop))
         self._counts["blocks_staged"] += stop - first
 
-    def _ram_ensure_loaded(self, array: str, ids: torch.Tensor) -> None:
+    def _ram_allocate(self) -> None:
+        """Allocates the ram tier's tensors for the ids held (pinned when CUDA is available)."""
+        start, end = self._held
+        num_blocks = math.ceil(end / self.chunk_rows) - start // self.chunk_rows
+        pin = torch.cuda.is_available()
+        for name in self.arrays:
+            self._tensors[name] = torch.empty((end - start, self.dim), dtype=torch.float32, pin_memory=pin)
+            self._loaded[name] = torch.zeros(num_blocks, dtype=torch.bool)
+            self._dirty[name] = torch.zeros(num_blocks, dtype=torch.bool)
+
+    def _ram_tensor(self, array: str, ids: torch.Tensor) -> torch.Tensor:
+        """The ram tier's tensor of ``array`` (row ``i`` holds id ``held start + i``), with the blocks of ``ids``
+        loaded; refuses ids outside the held range."""
+        if not self._tensors:
+            self._ram_allocate()
+        start, end = self._held
+        if ids.numel() and (int(ids.min()) < start or int(ids.max()) >= end):
+            bad = int(ids.min()) if int(ids.min()) < start else int(ids.max())
+            raise BankError(f"class id {bad} is outside the ids [{start}, {end}) this process holds of the bank at "
+                            f"{self.path}; each rank reads and writes only its own partition")
         loaded = self._loaded[array]
-        blocks = ids // self.chunk_rows
-        if bool(loaded[blocks].all()):
-            return
-        blocks = torch.unique(blocks)
+        first_block = start // self.chunk_rows
+        blocks = ids // self.chunk_rows - first_block
         tensor = self._tensors[array]
-        for block in blocks[~loaded[blocks]].tolist():
-            lo, hi = self._block_range(block)
-            tensor[lo:hi].copy_(torch.from_numpy(self._load_block(array, block)))
-            loaded[block] = True
+        if bool(loaded[blocks].all()):
+            return tensor
+        blocks = torch.unique(blocks)
+        for local in blocks[~loaded[blocks]].tolist():
+            lo, hi = self._block_range(first_block + local)
+            tensor[lo - start:hi - start].copy_(torch.from_numpy(self._load_block(array, first_block + local)))
+            loaded[local] = True
+        return tensor
+
+    def hold_rows(self, start: int, end: int) -> None:
+        """Ram tier: holds only ids ``[start, end)`` in RAM (a rank's partition). Call it before the first read or
+        write; ``start`` must be a multiple of ``chunk_rows``. The nvme tier ignores it (it holds blocks on demand).
+
+        Raises:
+            BankError: the range is empty, not block-aligned or outside ``[0, N)``, or rows are already held.
+        """
+        if not (0 <= start < end <= self.num_classes) or start % self.chunk_rows:
+            raise BankError(f"hold_rows({start}, {end}) on a bank of {self.num_classes} ids with chunk_rows="
+                            f"{self.chunk_rows}: the range must be non-empty, inside [0, {self.num_classes}) and start "
+                            f"on a block boundary")
+        with self._lock:
+            if self._tensors and self._held != (start, end):
+                raise BankError(f"bank at {self.path} already holds ids {list(self._held)} in RAM; call hold_rows "
+                                f"before the first read or write")
+            self._held = (start, end)
 
     def _nvme_block(self, array: str, block: int, rows: torch.Tensor | None = None) -> _Block:
         """The cached block (loaded on a miss), or, given ``rows``, the block replaced by them; evicts LRU blocks."""
@@ -557,15 +590,16 @@ class ZarrBank(ClassBank):
                         entry.dirty = False
             return
         max_blocks = max(1, _STAGE_BYTES // (4 * self.dim * self.chunk_rows))
+        start = self._held[0]
         for array, dirty in self._dirty.items():
-            blocks = torch.nonzero(dirty).flatten().tolist()
+            blocks = (torch.nonzero(dirty).flatten() + start // self.chunk_rows).tolist()
             run_start = 0
             for i in range(1, len(blocks) + 1):  # runs of consecutive blocks, at most max_blocks long
                 if i == len(blocks) or blocks[i] != blocks[i - 1] + 1 or i - run_start == max_blocks:
                     first, stop = blocks[run_start], blocks[i - 1] + 1
                     lo, _ = self._block_range(first)
                     _, hi = self._block_range(stop - 1)
-                    self._stage(array, first, stop, self._tensors[array][lo:hi].numpy())
+                    self._stage(array, first, stop, self._tensors[array][lo - start:hi - start].numpy())
                     run_start = i
             dirty.zero_()
 
@@ -584,8 +618,9 @@ class ZarrBank(ClassBank):
         """Forgets every row held in RAM, so the next reads come from the main arrays (or the initialiser)."""
         for array in self.arrays:
             if self.tier == "ram":
-                self._loaded[array].zero_()
-                self._dirty[array].zero_()
+                if self._tensors:
+                    self._loaded[array].zero_()
+                    self._dirty[array].zero_()
             else:
                 self._cache[array].clear()
 
@@ -693,7 +728,7 @@ def check_ram_fits(*, num_classes: int, dim: int, num_arrays: int, available: in
 
 
 def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, dim: int, arrays: tuple[str, ...],
-              head_kind: str) -> ZarrBank:
+              head_kind: str, num_processes: int = 1) -> ZarrBank:
     """Opens the bank at ``path`` if it exists (checking that it fits the run), else creates it from ``cfg``.
 
     Args:
@@ -703,6 +738,8 @@ def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, d
         dim: D of the run.
         arrays: the arrays the head needs.
         head_kind: the run's ``head.kind``.
+        num_processes: the ranks that share the bank; with the ram tier each holds about N / num_processes ids
+            (``ZarrBank.hold_rows``), which is what the host-memory check counts per process.
 
     Returns:
         The open bank.
@@ -712,7 +749,7 @@ def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, d
             the field, both values and the fix), or the bank cannot be created or opened.
     """
     if cfg.tier == "ram":
-        check_ram_fits(num_classes=num_classes, dim=dim, num_arrays=len(arrays))
+        check_ram_fits(num_classes=math.ceil(num_classes / num_processes), dim=dim, num_arrays=len(arrays))
     if not (Path(path) / "zarr.json").exists():
         return ZarrBank.create(path, num_classes=num_classes, dim=dim, arrays=arrays, head_kind=head_kind,
                                chunk_rows=cfg.chunk_rows, seed=cfg.seed, init_std=cfg.init_std, tier=cfg.tier,

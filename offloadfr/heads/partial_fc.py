@@ -106,9 +106,11 @@ class PartialFCHead(Head):
         for turn in range(deps.world_size):
             if turn == deps.rank:
                 self.bank = open_bank(deps.bank, path=str(deps.bank_path), num_classes=deps.num_classes, dim=deps.dim,
-                                      arrays=_ARRAYS, head_kind="partial_fc")
+                                      arrays=_ARRAYS, head_kind="partial_fc", num_processes=deps.world_size)
             barrier()
         self.partition = ClassPartition(deps.num_classes, deps.world_size, deps.rank, align=self.bank.chunk_rows)
+        if deps.bank.tier == "ram":  # this rank's rows only, not the whole bank
+            self.bank.hold_rows(self.partition.class_start, self.partition.class_end)
         num_local = self.partition.num_local
         num_slots = min(deps.cache.num_slots or num_local, num_local)
         self.dcc = DynamicClassContainer(num_slots, deps.dim, arrays=_ARRAYS, device=deps.device,
