@@ -70,9 +70,10 @@ class RunCfg:
     """Seed of model init, data order and augmentation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` uses a GPU when one is present, else the CPU."""
-    tensorboard: bool = True
-    """Also write the step metrics as TensorBoard events to ``<output_dir>/<name>/tensorboard/`` (needs the
-    ``tensorboard`` extra; without it a warning is logged once and only ``metrics.jsonl`` is written)."""
+    tensorboard: Literal["auto", "on", "off"] = "auto"
+    """Also write the step metrics as TensorBoard events to ``<output_dir>/<name>/tensorboard/``: ``auto`` when the
+    ``tensorboard`` package is installed (the ``tensorboard`` extra), ``on`` always (refused at start when the
+    package is missing), ``off`` never. ``metrics.jsonl`` is always written."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -3,6 +3,7 @@ run (synthetic data, partial_fc head with a real Zarr bank) trained once for the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -17,9 +18,10 @@ from PIL import Image
 
 from offloadfr.cli import main
 from offloadfr.config import load_config
+from offloadfr.errors import ConfigError
 from offloadfr.models import build_backbone
 from offloadfr.tools.backbone import load_backbone
-from offloadfr.train.metrics import Progress, open_sinks
+from offloadfr.train.metrics import Progress, check_sinks, open_sinks
 from offloadfr.train.trainer import TrainResult, train
 
 from .conftest import single_process_afterwards
@@ -69,18 +71,24 @@ def test_tensorboard_events_hold_the_logged_scalars(run: TrainResult) -> None:
     assert "prefetch/stall(%)" in events.Tags()["scalars"]
 
 
-def test_missing_tensorboard_warns_once_and_keeps_jsonl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
-    """Catches a crash (instead of one warning) when run.tensorboard is on and the package is absent."""
+def test_missing_tensorboard_is_skipped_on_auto_and_refused_on_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Catches a warning or crash on the default ``auto`` when the package is absent (the README run has no
+    tensorboard), and an explicit ``on`` that silently writes nothing."""
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     with caplog.at_level(logging.WARNING, logger="offloadfr"):
-        for _ in range(2):
-            sinks = open_sinks(tmp_path, tensorboard=True)
-            sinks.log({"loss": 1.0}, step=1)
-            sinks.close()
-    assert sum("tensorboard package is not installed" in r.message for r in caplog.records) == 1
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+        sinks = open_sinks(tmp_path, tensorboard="auto")
+        sinks.log({"loss": 1.0}, step=1)
+        sinks.close()
+    assert not caplog.records
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
     assert not (tmp_path / "tensorboard").exists()
+    with pytest.raises(ConfigError, match="run.tensorboard = 'on'"):
+        open_sinks(tmp_path, tensorboard="on")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the check at the start of a run
+    with pytest.raises(ConfigError, match="run.tensorboard = 'on'"):
+        check_sinks("on")
+    check_sinks("auto")
 
 
 def test_progress_prints_one_plain_line_per_log_step_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:

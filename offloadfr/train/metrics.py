@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -13,9 +14,9 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from offloadfr.errors import DiskFullError
+from offloadfr.errors import ConfigError, DiskFullError
 
-__all__ = ["JsonlSink", "TensorBoardSink", "MetricSinks", "open_sinks", "Progress", "warn_once"]
+__all__ = ["JsonlSink", "TensorBoardSink", "MetricSinks", "check_sinks", "open_sinks", "Progress", "warn_once"]
 
 _log = logging.getLogger("offloadfr")
 _warned: set[str] = set()
@@ -99,18 +100,34 @@ class MetricSinks:
                 call(sink)
 
 
-def open_sinks(run_dir: str | Path, *, tensorboard: bool) -> MetricSinks:
-    """The metric sinks of a run: ``run_dir/metrics.jsonl`` always, ``run_dir/tensorboard/`` when ``tensorboard``
-    is on and the package is installed (else a warning, once, and the run goes on without it)."""
+def check_sinks(tensorboard: str) -> None:
+    """Refuses ``run.tensorboard = "on"`` without the tensorboard package, before a run starts (every rank).
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    if tensorboard == "on" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("run.tensorboard = 'on' but the tensorboard package is not installed; pip install "
+                          "'offloadfr[tensorboard]', or set run.tensorboard = 'auto'")
+
+
+def open_sinks(run_dir: str | Path, *, tensorboard: str) -> MetricSinks:
+    """The metric sinks of a run: ``run_dir/metrics.jsonl`` always, and ``run_dir/tensorboard/`` when
+    ``tensorboard`` (``run.tensorboard``) is ``"on"``, or ``"auto"`` and the package is installed.
+
+    Raises:
+        ConfigError: ``tensorboard = "on"`` and the tensorboard package is not installed.
+    """
     run_dir = Path(run_dir)
     with _disk_full_as_error(run_dir):
         sinks: list[JsonlSink | TensorBoardSink] = [JsonlSink(run_dir / "metrics.jsonl")]
-        if tensorboard:
+        if tensorboard != "off":
             try:
                 sinks.append(TensorBoardSink(run_dir / "tensorboard"))
-            except ImportError:
-                warn_once("run.tensorboard is on but the tensorboard package is not installed: metrics go to "
-                          "metrics.jsonl only; pip install 'offloadfr[tensorboard]' or set run.tensorboard=false")
+            except ImportError as exc:  # "auto": go on without it
+                if tensorboard == "on":
+                    raise ConfigError(f"run.tensorboard = 'on' but TensorBoard cannot be loaded ({exc}); pip install "
+                                      "'offloadfr[tensorboard]', or set run.tensorboard = 'auto'") from exc
     return MetricSinks(run_dir, sinks)
 
 

@@ -59,7 +59,7 @@ from offloadfr.train.checkpoint import (
 )
 from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
 from offloadfr.train.engine import Engine, resolve_precision
-from offloadfr.train.metrics import Progress, open_sinks, warn_once
+from offloadfr.train.metrics import Progress, check_sinks, open_sinks, warn_once
 from offloadfr.train.schedulers import LRSchedule
 
 __all__ = ["train", "TrainResult", "run_dir_of", "ensure_dataset", "normalise_images"]
@@ -191,6 +191,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
         (run_dir / "config.toml").write_text(to_toml(cfg))
 
     # components that only need the config first, so a bad name or value fails before any data work
+    check_sinks(cfg.run.tensorboard)
     model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                            image_size=cfg.model.image_size).to(env.device)
     margin = build_margin(cfg.loss).to(env.device)
