@@ -79,6 +79,17 @@ def test_every_id_cycles_through_a_small_container(tmp_path: Path) -> None:
     assert bool((momentum.abs().amax(dim=1) > 0).all())
 
 
+def test_metrics_count_block_reads_since_the_previous_call(tmp_path: Path) -> None:
+    """Catches an nvme run whose metrics hide the Zarr block reads it pays for, or count them cumulatively."""
+    head = build_head(HeadCfg(kind="partial_fc"), _deps(tmp_path, tier="nvme", num_slots=24, lookahead=1))
+    _train(head, 6, lookahead=1)
+    first = head.metrics()  # 5 blocks, 2 cached: evicted dirty blocks are staged, then read back from the journal
+    assert first["bank/blocks_read"] > 0 and first["bank/blocks_staged"] > 0
+    assert first["bank/blocks_read"] == head.bank.stats()["bank/blocks_loaded"]
+    assert head.metrics()["bank/blocks_read"] == 0.0  # nothing happened since
+    head.close()
+
+
 def test_sample_rate_keeps_positives_and_trains(tmp_path: Path) -> None:
     """Catches a sampled softmax that drops a positive (its loss would be wrong) or samples free slots."""
     head = build_head(HeadCfg(kind="partial_fc", sample_rate=0.5), _deps(tmp_path))

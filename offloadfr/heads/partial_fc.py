@@ -125,6 +125,7 @@ class PartialFCHead(Head):
         self.num_steps = 0
         self._active_slots: torch.Tensor | None = None
         self._w_AD: torch.Tensor | None = None
+        self._blocks_before: dict[str, int] = {}  # bank block counters at the previous metrics() call
 
     # ------------------------------------------------------------------------------------------------ the plan
     def plan(self, labels_B: torch.Tensor) -> None:
@@ -196,7 +197,14 @@ class PartialFCHead(Head):
 
     # ---------------------------------------------------------------------------------- state and metrics
     def metrics(self) -> dict[str, float]:
-        return {**self.prefetcher.metrics(), "cache/used_slots": float(self.dcc.num_used)}
+        """The prefetcher's traffic and stall, the DCC's used slots, and the Zarr block reads (``bank/blocks_read``:
+        blocks loaded from the store, what the nvme tier pays for) and journal writes (``bank/blocks_staged``),
+        all since the previous call."""
+        stats = self.bank.stats()
+        blocks = {"bank/blocks_read": stats["bank/blocks_loaded"], "bank/blocks_staged": stats["bank/blocks_staged"]}
+        since = {name: float(value - self._blocks_before.get(name, 0)) for name, value in blocks.items()}
+        self._blocks_before = blocks
+        return {**self.prefetcher.metrics(), **since, "cache/used_slots": float(self.dcc.num_used)}
 
     def prepare(self, step: int) -> None:
         """Writes every resident row back and prepares the bank's flush of ``step`` (``ClassBank.prepare``).
