@@ -272,7 +272,9 @@ def test_consolidated_state_dict_of_zero3_loads_into_a_fresh_backbone_and_anothe
     """Catches ZeRO-3's partitioned (empty) parameters or a frozen parameter leaking into the consolidated weights,
     and weights loaded into the model but not into DeepSpeed's fp32 master copy (the next step would undo them)."""
     zero3 = {"zero_optimization": {"stage": 3}}
+    linear = torch.nn.functional.linear
     ds = DeepSpeedEngine(_backbone(0), SGD, DEVICE, ds_config=zero3)
+    assert torch.nn.functional.linear is linear, "ZeRO-3 replaced F.linear for the whole process"
     batches = _batches(3)
     for images, labels in batches[:2]:
         _train_step(ds, images, labels)

@@ -390,6 +390,11 @@ class DeepSpeedEngine:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else ensure_dist_env()
         self.config = resolve_ds_config(raw, cfg, world_size=world, device=device, source=source)
         """The DeepSpeed config as run (JSON plus the values filled in from ``[train]``)."""
+        zero = self.config.get("zero_optimization") or {}
+        if int(zero.get("stage", 0)) == 3:
+            # ZeRO-3's "memory efficient linear" replaces torch.nn.functional.linear for the whole process (every
+            # later model and head too, until the process ends); off unless the JSON asks for it.
+            zero.setdefault("memory_efficient_linear", False)
         self.cfg = cfg
         self.device = device
         nvme = _nvme_paths(self.config, source)
