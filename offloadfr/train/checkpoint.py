@@ -149,4 +149,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         CheckpointError: ``path`` is neither a checkpoint nor a run directory with one.
     """
     p = _resolve(path)
-    return torch.load(p / "state.pt", map_location=map_location, weights_only=False), p
+    return torch.load(p / "state.pt", map_location=map_location, weights_only=True), p
