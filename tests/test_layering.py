@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "offloadfr"
 LEVEL = {
     "errors": 1, "config": 1, "registry": 1, "faults": 1,
     "models": 2, "losses": 2,
-    "bank": 3,
+    "bank": 3, "kernels": 3,
     "dist": 4,
     "cache": 5,
     "heads": 6,
