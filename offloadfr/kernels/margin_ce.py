@@ -78,9 +78,8 @@ def _backward_kernel(cos_ptr, stride_row, grad_ptr, stride_grad, target_ptr, lse
     coef = tl.load(coef_ptr + row)
     grad_pos = tl.load(grad_pos_ptr + row)
     c = tl.load(cos_ptr + row * stride_row + cols, mask=inside, other=0.0).to(tl.float32)
-    in_range = (c >= -1.0) & (c <= 1.0)  # clamp(-1, 1) passes the gradient only there
-    prob = tl.exp(tl.minimum(tl.maximum(c, -1.0), 1.0) * scale - lse)
-    g = tl.where(in_range, coef * scale * prob, 0.0)
+    in_range = (c >= -1.0) & (c <= 1.0)  # clamp(-1, 1) passes the gradient only there, so c needs no clamp here
+    g = tl.where(in_range, coef * scale * tl.exp(c * scale - lse), 0.0)
     g = tl.where(cols == target, grad_pos, g)
     tl.store(grad_ptr + row * stride_grad + cols, g.to(grad_ptr.dtype.element_ty), mask=inside)
 
