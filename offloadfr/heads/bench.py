@@ -26,7 +26,7 @@ from offloadfr.heads.base import sgd_rows_
 from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy
 from offloadfr.losses import build_margin
 
-__all__ = ["VARIANTS", "measure_head_step"]
+__all__ = ["VARIANTS", "PHASES", "measure_head_step"]
 
 VARIANTS = ("torch:fp32", "torch:tf32", "torch:bf16", "triton:fp32", "triton:tf32", "triton:bf16")
 """``kernel:gemm_precision`` pairs (``head.kernel``, ``head.gemm_precision``)."""
@@ -56,8 +56,9 @@ def measure_head_step(*, num_slots: int, batch_size: int, dim: int, variants: tu
         seed: of the rows, embeddings and labels.
 
     Returns:
-        Rows with ``step_ms_p50``/``p90``, ``peak_device_GiB`` (CUDA), ``loss`` and the relative differences of the
-        loss and of the embedding gradient from ``torch:fp32``.
+        Rows with ``step_ms_p50``/``p90``, the median of each phase (``logits_ms_p50``, ``loss_ms_p50``,
+        ``backward_ms_p50``, ``update_ms_p50``), ``peak_device_GiB`` (CUDA), ``loss`` and the relative differences of
+        the loss and of the embedding gradient from ``torch:fp32``.
 
     Raises:
         ValueError: an unknown variant.
@@ -106,43 +107,55 @@ def measure_head_step(*, num_slots: int, batch_size: int, dim: int, variants: tu
         if reference is not None:
             rows[name]["loss_rel_diff"] = abs(loss.item() - reference[0].item()) / abs(reference[0].item())
             rows[name]["grad_emb_rel_diff"] = ((grad_BD - reference[1]).norm() / reference[1].norm()).item()
-    times: dict[str, list[float]] = {name: [] for name in steppers}
+    times: dict[str, list[list[float]]] = {name: [] for name in steppers}
     for i in range(warmup + steps):
         for name, step in steppers.items():
-            ms = _time(lambda step=step: step(True), device)
+            phases = _timed_step(step, device)
             if i >= warmup:
-                times[name].append(ms)
-    for name, ts in times.items():
-        rows[name].update(step_ms_p50=_percentile(ts, 0.5), step_ms_p90=_percentile(ts, 0.9))
+                times[name].append(phases)
+    for name, per_step in times.items():
+        totals = [sum(p) for p in per_step]
+        rows[name].update(step_ms_p50=_percentile(totals, 0.5), step_ms_p90=_percentile(totals, 0.9))
+        for k, phase in enumerate(PHASES):
+            rows[name][f"{phase}_ms_p50"] = _percentile([p[k] for p in per_step], 0.5)
     return [rows[name] for name in variants]
+
+
+PHASES = ("logits", "loss", "backward", "update")
+"""The parts of a step timed separately (CUDA events between them, one synchronisation per step)."""
 
 
 def _stepper(w_KD: torch.Tensor, mom_KD: torch.Tensor, emb_BD: torch.Tensor, labels_B: torch.Tensor,
              margin: torch.nn.Module, kernel: str, precision: str
-             ) -> Callable[[bool], tuple[torch.Tensor, torch.Tensor]]:
-    """One head step: logits, margin, cross-entropy, backward, and (``update``) the row SGD of ``fc``."""
+             ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """One head step: logits, margin and cross-entropy, backward, and (``update``) the row SGD of ``fc``.
+    ``mark(i)`` is called after phase ``i`` of :data:`PHASES`."""
 
-    def step(update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(update: bool, mark: Callable[[int], None] = lambda i: None) -> tuple[torch.Tensor, torch.Tensor]:
         w = w_KD.detach().requires_grad_(True)
         emb = emb_BD.detach().requires_grad_(True)
-        loss = margin_softmax_cross_entropy(cosine_logits(emb, w, precision), labels_B, margin, kernel=kernel)
+        cos_BK = cosine_logits(emb, w, precision)
+        mark(0)
+        loss = margin_softmax_cross_entropy(cos_BK, labels_B, margin, kernel=kernel)
+        mark(1)
         loss.backward()
+        mark(2)
         if update:
             sgd_rows_(w_KD, w.grad, mom_KD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        mark(3)
         return loss.detach(), emb.grad
 
     return step
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of ``fn()``: CUDA events on a GPU, the wall clock on the CPU."""
+def _timed_step(step: Callable[..., object], device: torch.device) -> list[float]:
+    """Milliseconds of each phase of one updating step: CUDA events on a GPU, the wall clock on the CPU."""
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(PHASES) + 1)]
+        events[0].record()
+        step(True, lambda i: events[i + 1].record())
+        events[-1].synchronize()
+        return [a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False)]
+    stamps = [time.perf_counter()]
+    step(True, lambda i: stamps.append(time.perf_counter()))
+    return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:], strict=False)]
