@@ -61,7 +61,7 @@ def _loss_and_grads(emb_BD: torch.Tensor, w_KD: torch.Tensor, target_B: torch.Te
     emb_BD = emb_BD.clone().requires_grad_(True)
     w_KD = w_KD.clone().requires_grad_(True)
     margin = build_margin(cfg)
-    cos_BK = cosine_logits(emb_BD, w_KD, precision)
+    cos_BK = cosine_logits(emb_BD, w_KD, precision, kernel=kernel)
     if kernel == "triton" and launch:
         loss = fused_margin_cross_entropy(cos_BK, target_B, margin, **launch)
     else:
@@ -186,6 +186,36 @@ def test_gemm_precisions(precision: str) -> None:
     _assert_close(_loss_and_grads(emb_BD, w_KD, target_B, cfg, "triton", precision), want, rtol=rtol)
     if precision == "bf16":  # and the bf16 path is near the fp32 one, i.e. it is not computing something else
         _assert_close(want, _loss_and_grads(emb_BD, w_KD, target_B, cfg, "torch", "fp32"), rtol=5e-2)
+
+
+@pytest.mark.parametrize("dim", [8, 13])
+def test_row_normalisation_matches_f_normalize(dim: int) -> None:
+    """The fused row normalisation of the triton path against ``F.normalize``, values and gradient: K = 37 rows (not a
+    multiple of the rows per program), D = 13 (not a power of two: masked columns), a row with a norm below eps (the
+    eps clamp, where only g / eps passes) and a huge one. Catches a wrong mask, a wrong backward formula or a wrong
+    eps branch."""
+    from offloadfr.kernels.normalize import normalize_rows
+
+    g = torch.Generator().manual_seed(8)
+    x_KD = torch.randn(K, dim, generator=g).to(DEVICE)
+    x_KD[4] *= 1e-14  # norm below eps = 1e-12
+    x_KD[9] *= 1e6
+    grad_KD = torch.randn(K, dim, generator=g).to(DEVICE)
+    ref = x_KD.clone().requires_grad_(True)
+    want = torch.nn.functional.normalize(ref, dim=1)
+    want.backward(grad_KD)
+    got_in = x_KD.clone().requires_grad_(True)
+    got = normalize_rows(got_in)
+    got.backward(grad_KD)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-6, atol=1e-7)
+    rest = torch.arange(K, device=DEVICE) != 4
+    scale = ref.grad[rest].abs().max().item()
+    torch.testing.assert_close(got_in.grad[rest], ref.grad[rest], rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(got_in.grad[4], ref.grad[4], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_in.grad[4], grad_KD[4] * 1e12, rtol=1e-5, atol=0)
+    half = normalize_rows(x_KD, torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), want.detach(), rtol=1e-2, atol=1e-2)
 
 
 def _head_deps(tmp_path: Path, margin_cfg: LossCfg):  # noqa: ANN202

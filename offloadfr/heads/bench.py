@@ -134,7 +134,7 @@ def _stepper(w_KD: torch.Tensor, mom_KD: torch.Tensor, emb_BD: torch.Tensor, lab
     def step(update: bool, mark: Callable[[int], None] = lambda i: None) -> tuple[torch.Tensor, torch.Tensor]:
         w = w_KD.detach().requires_grad_(True)
         emb = emb_BD.detach().requires_grad_(True)
-        cos_BK = cosine_logits(emb, w, precision)
+        cos_BK = cosine_logits(emb, w, precision, kernel=kernel)
         mark(0)
         loss = margin_softmax_cross_entropy(cos_BK, labels_B, margin, kernel=kernel)
         mark(1)

@@ -65,7 +65,7 @@ class FCHead(Head):
         """Margin softmax cross-entropy of the (global) batch against all centers (computed in fp32)."""
         emb_ND, labels_N = gather_global_batch(emb_BD, labels_B)
         target_N = self.partition.to_local(labels_N)
-        cos_NC = cosine_logits(emb_ND, self.weight, self.cfg.gemm_precision)
+        cos_NC = cosine_logits(emb_ND, self.weight, self.cfg.gemm_precision, kernel=self.kernel)
         if self.kernel == "triton":  # one process only (check_kernel); writes the gradient into cos_NC's buffer
             return margin_softmax_cross_entropy(cos_NC, target_N, self.margin, kernel="triton")
         return partitioned_loss(self.margin(cos_NC, target_N), target_N)

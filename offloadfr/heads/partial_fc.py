@@ -159,7 +159,7 @@ class PartialFCHead(Head):
         target_N = torch.where(pos_slots_N >= 0, torch.searchsorted(active_A, pos_slots_N), -1)
         w_AD = self.dcc["centers"].index_select(0, active_A).requires_grad_(True)
         self._active_slots, self._w_AD = active_A, w_AD
-        cos_NA = cosine_logits(emb_ND, w_AD, self.cfg.gemm_precision)
+        cos_NA = cosine_logits(emb_ND, w_AD, self.cfg.gemm_precision, kernel=self.kernel)
         if self.kernel == "triton":  # one process only (check_kernel); writes the gradient into cos_NA's buffer
             return margin_softmax_cross_entropy(cos_NA, target_N, self.margin, kernel="triton")
         return partitioned_loss(self.margin(cos_NA, target_N), target_N)

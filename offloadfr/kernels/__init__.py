@@ -140,7 +140,8 @@ class _TF32MatmulNT(torch.autograd.Function):
         return grad_a, grad_b
 
 
-def cosine_logits(emb_BD: torch.Tensor, w_KD: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+def cosine_logits(emb_BD: torch.Tensor, w_KD: torch.Tensor, precision: str = "fp32", *,
+                  kernel: str = "torch") -> torch.Tensor:
     """Cosines between the rows of ``emb_BD`` and of ``w_KD``, both normalised in float32.
 
     Args:
@@ -149,6 +150,9 @@ def cosine_logits(emb_BD: torch.Tensor, w_KD: torch.Tensor, precision: str = "fp
         precision: the GEMMs' arithmetic, forward and backward: ``fp32`` (exact; the default), ``tf32`` (fp32
             tensors on TF32 tensor cores, CUDA only; ~1e-3 relative), or ``bf16`` (normalised operands rounded to
             bfloat16; the result is a bfloat16 tensor, which the margin reads in float32).
+        kernel: ``"torch"`` normalises with ``F.normalize``; ``"triton"`` with the fused row normalisation of
+            :mod:`offloadfr.kernels.normalize` (one read and one write of the K×D rows forward, two reads and one
+            write backward; for ``bf16`` it writes the bfloat16 operand directly). Same values to float tolerance.
 
     Returns:
         cos_BK, float32 (bfloat16 for ``bf16``).
@@ -156,12 +160,17 @@ def cosine_logits(emb_BD: torch.Tensor, w_KD: torch.Tensor, precision: str = "fp
     Raises:
         ValueError: an unknown ``precision``.
     """
+    if precision not in GEMM_PRECISIONS:
+        raise ValueError(f"precision = {precision!r} is not known; choose one of: {', '.join(GEMM_PRECISIONS)}")
+    operand = torch.bfloat16 if precision == "bf16" else torch.float32
+    if kernel == "triton" and emb_BD.dim() == 2 and w_KD.dim() == 2:
+        from offloadfr.kernels.normalize import MAX_DIM, normalize_rows
+
+        if w_KD.shape[1] <= MAX_DIM:
+            emb_BD, w_KD = normalize_rows(emb_BD, operand), normalize_rows(w_KD, operand)
+            return _TF32MatmulNT.apply(emb_BD, w_KD) if precision == "tf32" else emb_BD @ w_KD.t()
     emb_BD = F.normalize(emb_BD.float(), dim=1)
     w_KD = F.normalize(w_KD, dim=1)
-    if precision == "fp32":
-        return emb_BD @ w_KD.t()
     if precision == "tf32":
         return _TF32MatmulNT.apply(emb_BD, w_KD)
-    if precision == "bf16":
-        return emb_BD.to(torch.bfloat16) @ w_KD.to(torch.bfloat16).t()
-    raise ValueError(f"precision = {precision!r} is not known; choose one of: {', '.join(GEMM_PRECISIONS)}")
+    return emb_BD.to(operand) @ w_KD.to(operand).t()
