@@ -165,9 +165,9 @@ class HeadCfg:
     lr_scale: float = _field(1.0, gt=0)
     """Head learning rate = ``lr_scale`` × the scheduled backbone learning rate."""
     kernel: Literal["torch", "triton"] = "torch"
-    """``fc`` and ``partial_fc`` on one process: margin + softmax cross-entropy in plain PyTorch (the reference) or in
-    one fused Triton kernel (CUDA, needs the triton package; not for ``loss.kind = "adasin"``; multi-process runs keep
-    the plain sharded loss). Same values to float tolerance (docs/kernels.md)."""
+    """``fc`` and ``partial_fc`` on one process: row normalisation, margin and softmax cross-entropy in plain PyTorch
+    (the reference) or in fused Triton kernels (CUDA, needs the triton package; not for ``loss.kind = "adasin"``;
+    multi-process runs keep the plain sharded loss). Same values to float tolerance (docs/kernels.md)."""
     gemm_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     """``fc`` and ``partial_fc``: arithmetic of the logit GEMMs (forward and backward): ``fp32`` exact, ``tf32`` TF32
     tensor cores on CUDA, ``bf16`` normalised operands rounded to bfloat16 (docs/kernels.md)."""

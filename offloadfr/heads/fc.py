@@ -62,7 +62,8 @@ class FCHead(Head):
             self.register_load_state_dict_pre_hook(_slice_rows_hook)
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """Margin softmax cross-entropy of the (global) batch against all centers (computed in fp32)."""
+        """Margin softmax cross-entropy of the (global) batch against all centers (fp32, or the GEMMs in
+        ``head.gemm_precision``)."""
         emb_ND, labels_N = gather_global_batch(emb_BD, labels_B)
         target_N = self.partition.to_local(labels_N)
         cos_NC = cosine_logits(emb_ND, self.weight, self.cfg.gemm_precision, kernel=self.kernel)
