@@ -281,6 +281,16 @@ def test_triton_on_cpu_outside_the_interpreter_is_a_config_error() -> None:
     assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_kernels_compile_for_an_h100() -> None:
+    """Every kernel, for fp32 and bf16 cosines, through Triton's real compiler down to an sm_90 cubin, on the CPU (no
+    GPU needed). Catches what the interpreter accepts but the compiler refuses (loop-carried types, unsupported ops)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO), "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_triton_compile_worker.py")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled ") == 8, proc.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compiled_kernel_at_a_real_width(precision: str) -> None:
