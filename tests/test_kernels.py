@@ -120,7 +120,8 @@ def test_columns_past_k_are_neither_read_nor_written() -> None:
 
 
 def test_gradient_lands_in_the_cosine_buffer_and_leaves_are_kept() -> None:
-    """Catches the in-place write going somewhere else, or a caller's leaf tensor being overwritten."""
+    """Catches the in-place write going somewhere else, a caller's leaf tensor being overwritten, or a second backward
+    through the same graph reading the overwritten buffer."""
     emb_BD, w_KD, target_B = _inputs(seed=3)
     margin = build_margin(MARGINS["arcface_analytic"])
     leaf_BK = cosine_logits(emb_BD, w_KD).detach().requires_grad_(True)
@@ -132,8 +133,11 @@ def test_gradient_lands_in_the_cosine_buffer_and_leaves_are_kept() -> None:
     torch.testing.assert_close(leaf_BK.grad, ref_BK.grad, rtol=1e-5, atol=1e-5 * ref_BK.grad.abs().max().item())
     source = kept.clone().requires_grad_(True)
     inner_BK = source * 1.0
-    fused_margin_cross_entropy(inner_BK, target_B, margin).backward()
+    loss = fused_margin_cross_entropy(inner_BK, target_B, margin)
+    loss.backward(retain_graph=True)
     assert torch.equal(inner_BK.detach(), source.grad)  # the intermediate's buffer now holds its gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # a second backward would read the gradient as cosines: refused, not silently wrong
 
 
 def test_cosines_outside_the_unit_interval_follow_clamp() -> None:
