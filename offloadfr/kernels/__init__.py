@@ -4,12 +4,13 @@ Triton form (``head.kernel``); docs/kernels.md.
 Legend: B = batch rows, D = embedding width, K = logit columns (classes or resident slots).
 
 * :func:`cosine_logits`: ``normalize(emb_BD) @ normalize(w_KD)ᵀ`` with the GEMMs (forward and backward) in fp32,
-  TF32 or bf16 (``head.gemm_precision``).
+  TF32 or bf16 (``head.gemm_precision``), the rows normalised by ``F.normalize`` or, with ``kernel = "triton"``, by
+  the fused row normalisation of :mod:`offloadfr.kernels.normalize`.
 * :func:`margin_softmax_cross_entropy`: the margin and the softmax cross-entropy of those cosines, either the plain
   ``margin_cross_entropy(margin(cos_BK, target_B), target_B)`` (``kernel = "torch"``) or the fused Triton kernel
   of :mod:`offloadfr.kernels.margin_ce` (``kernel = "triton"``), which is tested against it.
 
-Triton is optional (the ``triton`` extra; the GPU image bundles it with torch): it is imported only when the fused
+Triton is optional (the ``triton`` extra; the GPU image bundles it with torch): it is imported only when a fused
 kernel is used.
 """
 
