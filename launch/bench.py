@@ -175,8 +175,13 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
 
     env = _versions()
     for k in args.num_slots:
-        for row in measure_head_step(num_slots=k, batch_size=args.batch_size, dim=args.dim,
-                                     variants=tuple(args.variants), steps=args.steps, warmup=args.warmup):
+        try:
+            rows = measure_head_step(num_slots=k, batch_size=args.batch_size, dim=args.dim,
+                                     variants=tuple(args.variants), steps=args.steps, warmup=args.warmup)
+        except ValueError as err:  # an unknown variant
+            print(f"bench.py kernel: error: {err}", file=sys.stderr)
+            return 2
+        for row in rows:
             _emit({**row, "env": env}, args.out)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -247,14 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default="instance", help="data.sampler of our pipeline")
     p.add_argument("--out", help="append the JSON row to this file")
     p.set_defaults(func=_cmd_data)
-    from offloadfr.heads.bench import VARIANTS
-
     p = sub.add_parser("kernel", help="head step: plain vs fused margin cross-entropy, fp32/TF32/bf16 GEMMs")
     p.add_argument("--num-slots", type=int, nargs="+", default=[65_536, 262_144, 1_048_576])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                   help="kernel:gemm_precision pairs")
+    p.add_argument("--variants", nargs="+", default=["torch:fp32", "torch:tf32", "torch:bf16", "triton:fp32",
+                                                      "triton:tf32", "triton:bf16"],
+                   help="kernel:gemm_precision pairs (default: all six)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", help="append the JSON rows to this file")
