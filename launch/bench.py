@@ -11,6 +11,12 @@ memory is reported as a row with ``"status": "oom"``, not as a crash.
 
 ``data``: decoded, augmented images/s of our training loader against a plain ``webdataset.WebDataset`` pipeline
 doing the same decoding and flips with the same workers, alternating rounds in one run (offloadfr/data/bench.py).
+
+    python launch/bench.py kernel --num-slots 65536 262144 1048576 --batch-size 256 --dim 512
+
+``kernel``: one resident head step over K slots (logits, margin, cross-entropy, backward, row update) with the plain
+and the fused (Triton) margin cross-entropy, each with fp32, TF32 and bf16 logit GEMMs, side by side
+(offloadfr/heads/bench.py, docs/kernels.md). On the CPU the Triton variants are skipped unless TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -162,6 +168,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_kernel(args: argparse.Namespace) -> int:
+    import torch
+
+    from offloadfr.heads.bench import measure_head_step
+
+    env = _versions()
+    for k in args.num_slots:
+        try:
+            rows = measure_head_step(num_slots=k, batch_size=args.batch_size, dim=args.dim,
+                                     variants=tuple(args.variants), steps=args.steps, warmup=args.warmup)
+        except ValueError as err:  # an unknown variant
+            print(f"bench.py kernel: error: {err}", file=sys.stderr)
+            return 2
+        for row in rows:
+            _emit({**row, "env": env}, args.out)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return 0
+
+
 def _emit(row: dict[str, Any], out: str | None) -> None:
     line = json.dumps(row)
     print(line, flush=True)
@@ -226,6 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default="instance", help="data.sampler of our pipeline")
     p.add_argument("--out", help="append the JSON row to this file")
     p.set_defaults(func=_cmd_data)
+    p = sub.add_parser("kernel", help="head step: plain vs fused margin cross-entropy, fp32/TF32/bf16 GEMMs")
+    p.add_argument("--num-slots", type=int, nargs="+", default=[65_536, 262_144, 1_048_576])
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--variants", nargs="+", default=["torch:fp32", "torch:tf32", "torch:bf16", "triton:fp32",
+                                                      "triton:tf32", "triton:bf16"],
+                   help="kernel:gemm_precision pairs (default: all six)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", help="append the JSON rows to this file")
+    p.set_defaults(func=_cmd_kernel)
     p = sub.add_parser("table", help="markdown table of a results JSONL file")
     p.add_argument("file")
     p.set_defaults(func=_cmd_table)

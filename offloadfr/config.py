@@ -165,6 +165,13 @@ class HeadCfg:
     """Weight decay of the class centers, applied only to rows that received a gradient."""
     lr_scale: float = _field(1.0, gt=0)
     """Head learning rate = ``lr_scale`` × the scheduled backbone learning rate."""
+    kernel: Literal["torch", "triton"] = "torch"
+    """``fc`` and ``partial_fc`` on one process: row normalisation, margin and softmax cross-entropy in plain PyTorch
+    (the reference) or in fused Triton kernels (CUDA, needs the triton package; not for ``loss.kind = "adasin"``;
+    multi-process runs keep the plain sharded loss). Same values to float tolerance (docs/kernels.md)."""
+    gemm_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """``fc`` and ``partial_fc``: arithmetic of the logit GEMMs (forward and backward): ``fp32`` exact, ``tf32`` TF32
+    tensor cores on CUDA, ``bf16`` normalised operands rounded to bfloat16 (docs/kernels.md)."""
     num_anchors: int = _field(1000, ge=2)
     """``vfc``: M, the anchors (rows) of the virtual FC; identity ``i`` belongs to group ``i mod M``. The Virtual FC
     code uses 1000. A batch can hold at most M distinct identities; identities beyond that are ignored."""
@@ -457,6 +464,13 @@ def _check_cross_fields(cfg: Config) -> None:
     if (cfg.head.kind == "attfc") != (cfg.data.sampler == "attention"):
         raise ConfigError(f"head.kind = {cfg.head.kind!r} with data.sampler = {cfg.data.sampler!r}: the attfc head "
                           "and the attention sampler (query + key images) go together; set both or neither")
+    if (cfg.head.kernel, cfg.head.gemm_precision) != ("torch", "fp32") and cfg.head.kind not in ("fc", "partial_fc"):
+        raise ConfigError(f"head.kernel = {cfg.head.kernel!r}, head.gemm_precision = {cfg.head.gemm_precision!r} with "
+                          f"head.kind = {cfg.head.kind!r}: only fc and partial_fc have these options; set them to "
+                          "'torch' and 'fp32'")
+    if cfg.head.kernel == "triton" and cfg.loss.kind == "adasin":
+        raise ConfigError("head.kernel = 'triton' with loss.kind = 'adasin': the fused kernel changes only the "
+                          "positive column and adasin changes hard negatives too; set head.kernel = 'torch'")
 
 
 def _check_milestones(t: TrainCfg) -> None:

@@ -6,8 +6,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
-import torch
+# On the CPU, Triton kernels (head.kernel = "triton") run only in Triton's interpreter, which must be switched on
+# before triton is first imported; on a GPU (OFFLOADFR_TEST_DEVICE=cuda) the same tests run the compiled kernels.
+if os.environ.get("OFFLOADFR_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("OFFLOADFR_TEST_DEVICE", "cpu"))
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,3 +51,27 @@ def test_backbone_bench_rows(tmp_path: Path) -> None:
     for r in rows:
         assert 0 < r["step_ms_min"] <= r["step_ms_p50"] <= r["step_ms_max"] and r["peak_host_rss_GiB"] > 0
         assert r["device_name"]
+
+
+def test_kernel_bench_rows(tmp_path: Path) -> None:
+    """``bench.py kernel`` in CI size: a row per variant and K, the plain ones timed; with the Triton interpreter on
+    (conftest's TRITON_INTERPRET=1 reaches the subprocess) the fused ones too, agreeing with ``torch:fp32``. Catches a
+    variant the benchmark cannot run, or a fused step that computes another loss."""
+    out = tmp_path / "kernel.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/bench.py"), "kernel", "--num-slots", "100", "300", "--batch-size", "4",
+         "--dim", "8", "--steps", "1", "--warmup", "1", "--out", str(out)], capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["num_slots"], r["variant"]) for r in rows] == [(k, v) for k in (100, 300) for v in (
+        "torch:fp32", "torch:tf32", "torch:bf16", "triton:fp32", "triton:tf32", "triton:bf16")]
+    has_triton = importlib.util.find_spec("triton") is not None
+    runnable = has_triton and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    for r in rows:
+        if r["kernel"] == "triton" and not runnable:
+            assert r["status"] == "skipped" and "triton" in r["reason"]
+            continue
+        assert r["status"] == "ok" and 0 < r["step_ms_p50"] <= r["step_ms_p90"], r
+        assert r["loss_rel_diff"] < (1e-5 if r["gemm_precision"] == "fp32" else 1e-2), r
+        assert r["step_ms_p50"] >= r["backward_ms_p50"] > 0 and r["update_ms_p50"] > 0, r

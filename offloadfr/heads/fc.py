@@ -14,7 +14,6 @@ gradient each step and the sparse-momentum update equals plain SGD over the whol
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from offloadfr.bank.init import initial_rows
@@ -29,6 +28,7 @@ from offloadfr.heads.base import (
     register_head,
     sgd_rows_,
 )
+from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy
 
 __all__ = ["FCHead"]
 
@@ -51,6 +51,7 @@ class FCHead(Head):
         super().__init__()
         self.cfg = cfg
         self.margin = deps.margin
+        self.kernel = check_kernel(cfg.kernel, deps.margin, deps.device, deps.world_size)
         self.partition = ClassPartition(deps.num_classes, deps.world_size, deps.rank)
         ids = torch.arange(self.partition.class_start, self.partition.class_end, dtype=torch.int64)
         w_CD = initial_rows(ids, deps.dim, seed=deps.bank.seed, std=deps.bank.init_std)
@@ -61,10 +62,13 @@ class FCHead(Head):
             self.register_load_state_dict_pre_hook(_slice_rows_hook)
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """Margin softmax cross-entropy of the (global) batch against all centers (computed in fp32)."""
+        """Margin softmax cross-entropy of the (global) batch against all centers (fp32, or the GEMMs in
+        ``head.gemm_precision``)."""
         emb_ND, labels_N = gather_global_batch(emb_BD, labels_B)
         target_N = self.partition.to_local(labels_N)
-        cos_NC = F.normalize(emb_ND.float(), dim=1) @ F.normalize(self.weight, dim=1).t()
+        cos_NC = cosine_logits(emb_ND, self.weight, self.cfg.gemm_precision, kernel=self.kernel)
+        if self.kernel == "triton":  # one process only (check_kernel); writes the gradient into cos_NC's buffer
+            return margin_softmax_cross_entropy(cos_NC, target_N, self.margin, kernel="triton")
         return partitioned_loss(self.margin(cos_NC, target_N), target_N)
 
     @torch.no_grad()

@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from offloadfr.bank.zarr_bank import open_bank
 from offloadfr.cache import DynamicClassContainer, Prefetcher
@@ -39,6 +38,7 @@ from offloadfr.config import HeadCfg
 from offloadfr.dist import ClassPartition, all_gather_labels, all_gather_objects, barrier
 from offloadfr.errors import CheckpointError
 from offloadfr.heads.base import Head, HeadDeps, gather_global_batch, partitioned_loss, register_head, sgd_rows_
+from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy
 
 __all__ = ["PartialFCHead"]
 
@@ -97,6 +97,7 @@ class PartialFCHead(Head):
         super().__init__()
         self.cfg = cfg
         self.margin = deps.margin
+        self.kernel = check_kernel(cfg.kernel, deps.margin, deps.device, deps.world_size)
         self.num_classes = deps.num_classes
         self.lookahead = deps.cache.lookahead
         self.device = deps.device
@@ -161,7 +162,9 @@ class PartialFCHead(Head):
         target_N = torch.where(pos_slots_N >= 0, torch.searchsorted(active_A, pos_slots_N), -1)
         w_AD = self.dcc["centers"].index_select(0, active_A).requires_grad_(True)
         self._active_slots, self._w_AD = active_A, w_AD
-        cos_NA = F.normalize(emb_ND.float(), dim=1) @ F.normalize(w_AD, dim=1).t()
+        cos_NA = cosine_logits(emb_ND, w_AD, self.cfg.gemm_precision, kernel=self.kernel)
+        if self.kernel == "triton":  # one process only (check_kernel); writes the gradient into cos_NA's buffer
+            return margin_softmax_cross_entropy(cos_NA, target_N, self.margin, kernel="triton")
         return partitioned_loss(self.margin(cos_NA, target_N), target_N)
 
     def _sample(self, pos_slots_B: torch.Tensor, used_K: torch.Tensor) -> torch.Tensor:
