@@ -11,6 +11,11 @@ memory is reported as a row with ``"status": "oom"``, not as a crash.
 
 ``data``: decoded, augmented images/s of our training loader against a plain ``webdataset.WebDataset`` pipeline
 doing the same decoding and flips with the same workers, alternating rounds in one run (offloadfr/data/bench.py).
+
+    python launch/bench.py quality --epochs 2
+
+``quality``: every head and margin trained through launch/train.py on the same data for the same images seen; one row
+per configuration and a table in docs/benchmarks/quality_<machine>.md (offloadfr/train/bench_quality.py).
 """
 
 from __future__ import annotations
@@ -193,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         from offloadfr.train.bench_backbone import main as backbone_main
 
         return backbone_main(argv[1:])
+    if argv and argv[0] == "quality":  # every head and margin trained alike: offloadfr/train/bench_quality.py
+        from offloadfr.train.bench_quality import main as quality_main
+
+        return quality_main(argv[1:])
     if argv and argv[0] == "_head_one":
         print(json.dumps(_head_one(json.loads(argv[1]))))
         return 0
