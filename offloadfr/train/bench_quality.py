@@ -6,7 +6,7 @@ changed. A configuration is a head with the config's margin, or the ``fc`` head 
 what it needs to run (:data:`HEAD_NEEDS`, e.g. its sampler). After each run, one JSON row is appended to ``--out``:
 verification accuracy ± fold std and TAR@FAR=1e-2 (from the run's ``eval.json``), mean step time, peak memory, images
 seen, wall time, the overrides, the versions and the bench command. ``--table`` (re)writes the markdown table from
-the JSONL; a run rewrites it too when it ends.
+the JSONL; a run also rewrites it after each row.
 
 **Images seen** are the training images that went through the trained backbone with a gradient: ``train.batch_size``
 per step (the queries of ``attention`` batches, the instance part of ``dual`` batches, the P×K images of ``identity``
@@ -252,7 +252,7 @@ def render_table(rows: list[dict[str, Any]], machine: str) -> str:
              "Images seen = images through the trained backbone with a gradient (`train.batch_size` per step); "
              "`images decoded` adds the images only a no-gradient encoder reads (attfc's keys, dual's identity part). "
              "Accuracy is 10-fold verification on the held-out pairs with the flip test, ± the std over folds; one "
-             "seed per row.", ""]
+             "seed per row. Step and wall times compare rows only when the machine ran nothing else meanwhile.", ""]
     envs = {json.dumps(r.get("env", {}), sort_keys=True) for r in newest.values()}
     lines.append("Machine and versions:")
     lines.append("")
@@ -275,7 +275,9 @@ def render_table(rows: list[dict[str, Any]], machine: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Overrides of each configuration (`--set`, on top of the config and of the commands' `--set`):", ""]
     for r in newest.values():
-        lines.append(f"- `{r['name']}`: " + " ".join(f"`{o}`" for o in r["overrides"]))
+        loss = ", ".join(f"{k} {v}" for k, v in r.get("loss_cfg", {}).items())
+        lines.append(f"- `{r['name']}`: " + " ".join(f"`{o}`" for o in r["overrides"]) + (f" (loss: {loss})"
+                                                                                          if loss else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +289,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--heads", nargs="+", choices=kinds, default=[k for k in kinds if k not in _NOT_BY_DEFAULT],
                    help="heads, each with the config's margin (default: every head.kind but pfc_dense)")
     p.add_argument("--margins", nargs="*", choices=margins, default=list(DEFAULT_MARGINS),
-                   help="margins, each on the fc head")
+                   help="margins, each on the fc head (--margins alone: none)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--epochs", type=float, default=None,
                       help="images seen per row = this many times the training set (default 2)")
