@@ -13,7 +13,9 @@ per step (the queries of ``attention`` batches, the instance part of ``dual`` ba
 batches), so every row trains ``steps = images // batch_size`` steps (``train.max_steps``; ``train.epochs`` is set
 so that it never binds, and the schedule spans exactly these steps). Images that only a no-gradient encoder reads (the
 key images of ``attfc``, the identity part of ``dual`` batches) are not counted; the row gives them in
-``images_decoded``. ``--epochs E`` asks for E × (images in the training set) images seen.
+``images_decoded``. (F2C's symmetric two-pass form also passes the identity part through the trained network; its
+row still counts ``train.batch_size`` per step, the sampler's own batch size, so that every row has the same steps.)
+``--epochs E`` asks for E × (images in the training set) images seen.
 
 Each row's ``peak_host_rss_GiB`` is the largest resident set of the trainer process or one of its data workers
 (``os.wait4``'s ``ru_maxrss``); ``peak_device_reserved_GiB`` is the trainer's own ``memory/max_reserved(GiB)`` metric
@@ -22,8 +24,8 @@ start-up).
 
 Example (the committed CPU table, then the dcp rows added later without rerunning the others)::
 
-    python launch/bench.py quality --epochs 2
-    python launch/bench.py quality --epochs 2 --heads dcp --resume
+    python launch/bench.py quality --epochs 1 --machine cpu-2core_202611
+    python launch/bench.py quality --epochs 1 --machine cpu-2core_202611 --resume
 
 Example (the CI size, on a tiny dataset)::
 
