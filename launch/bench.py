@@ -17,6 +17,11 @@ doing the same decoding and flips with the same workers, alternating rounds in o
 ``kernel``: one resident head step over K slots (logits, margin, cross-entropy, backward, row update) with the plain
 and the fused (Triton) margin cross-entropy, each with fp32, TF32 and bf16 logit GEMMs, side by side
 (offloadfr/heads/bench.py, docs/kernels.md). On the CPU the Triton variants are skipped unless TRITON_INTERPRET=1.
+
+    python launch/bench.py quality --epochs 2
+
+``quality``: every head and margin trained through launch/train.py on the same data for the same images seen; one row
+per configuration and a table in docs/benchmarks/quality_<machine>.md (offloadfr/train/bench_quality.py).
 """
 
 from __future__ import annotations
@@ -219,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         from offloadfr.train.bench_backbone import main as backbone_main
 
         return backbone_main(argv[1:])
+    if argv and argv[0] == "quality":  # every head and margin trained alike: offloadfr/train/bench_quality.py
+        from offloadfr.train.bench_quality import main as quality_main
+
+        return quality_main(argv[1:])
     if argv and argv[0] == "_head_one":
         print(json.dumps(_head_one(json.loads(argv[1]))))
         return 0

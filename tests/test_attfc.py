@@ -274,7 +274,7 @@ def test_attfc_trains_through_the_trainer_and_resumes(tmp_path: Path) -> None:
              and not torch.equal(v, state["engine"]["model"][k.removeprefix("key_encoder.")])]
     assert moved, "the key encoder should trail the trained backbone"
     rows = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows and all(math.isfinite(r["loss"]) and "attfc/queue_filled" in r for r in rows)
+    assert rows and all(math.isfinite(r["loss"]) and "attfc/queue_filled" in r and "attfc/queue_cos" in r for r in rows)
 
     resumed = train(load_config(REPO / "ds_configs/runs/synth_tiny.toml",
                                 [*base, "run.name=att", "train.max_steps=5", "eval.at_end=true"]), resume="auto")
@@ -292,3 +292,11 @@ def test_attfc_and_the_attention_sampler_go_together(tmp_path: Path, head: str, 
         load_config(REPO / "ds_configs/runs/synth_tiny.toml",
                     [*_base(tmp_path), f"head.kind={head}", f"data.sampler={sampler}"])
     assert "set both or neither" in str(err.value)
+
+
+def test_queue_cos_is_the_mean_over_unmasked_entries() -> None:
+    """Catches the collapse metric counting masked (same-label) entries or dividing by the wrong count."""
+    cos = torch.tensor([[0.9, 0.1, 0.3], [0.5, -0.5, 1.0]])
+    masked = torch.tensor([[True, False, False], [False, False, True]])
+    assert AttFCHead.queue_cos(cos, masked).item() == pytest.approx((0.1 + 0.3 + 0.5 - 0.5) / 4)
+    assert AttFCHead.queue_cos(cos, torch.ones(2, 3, dtype=torch.bool)).item() == 0.0

@@ -151,8 +151,17 @@ class AttFCHead(Head):
         self._last = {"attfc/masked_queue": mask_BC[:, b:].sum() / b,  # tensors: read (synced) only when logged
                       "attfc/queue_filled": (self.queue_labels_Q >= 0).sum(),
                       "attfc/attention_max": attn_Bk.max(dim=1).values.mean(),
-                      "attfc/positive_cos": cos_BC.diagonal().detach().mean()}
+                      "attfc/positive_cos": cos_BC.diagonal().detach().mean(),
+                      "attfc/queue_cos": self.queue_cos(cos_BC[:, b:].detach(), mask_BC[:, b:])}
         return margin_cross_entropy(logits_BC, target_B)
+
+    @staticmethod
+    def queue_cos(cos_BQ: torch.Tensor, masked_BQ: torch.Tensor) -> torch.Tensor:
+        """Mean cosine of the queries to their negatives in the queue (masked entries left out). Near
+        ``attfc/positive_cos``, it says that positives and negatives alike moved toward one shared direction
+        (collapse), not that the queries learned their identities (docs/methods.md)."""
+        keep_BQ = ~masked_BQ
+        return (cos_BQ * keep_BQ).sum() / keep_BQ.sum().clamp(min=1)
 
     def mask(self, labels_B: torch.Tensor) -> torch.Tensor:
         """The (B, B + Q) columns left out of each row's softmax: the batch block's other columns (all of them, or
@@ -189,7 +198,8 @@ class AttFCHead(Head):
         self._keys = None
 
     def metrics(self) -> dict[str, float]:
-        """Masked queue entries per query, filled queue slots, mean top attention weight, mean positive cosine."""
+        """Masked queue entries per query, filled queue slots, mean top attention weight, mean positive cosine, mean
+        cosine to the unmasked queue entries."""
         return {name: float(value) for name, value in self._last.items()}
 
     def __repr__(self) -> str:

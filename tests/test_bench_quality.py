@@ -1,0 +1,67 @@
+"""``launch/bench.py quality`` in CI size: real trainer subprocesses on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from offloadfr.train.bench_quality import HEAD_NEEDS, head_kinds, plan_configs, render_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_every_head_kind_has_its_needs_and_runs_by_default() -> None:
+    """Catches a head added to ``head.kind`` (e.g. dcp) that the bench would run without its sampler, and a
+    margin configuration planned twice."""
+    assert set(head_kinds()) <= set(HEAD_NEEDS), "add the new head's needs (its sampler) to HEAD_NEEDS"
+    names = [c["name"] for c in plan_configs(["fc", "attfc"], ["arcface", "cosface"], "arcface")]
+    assert names == ["fc+arcface", "attfc+arcface", "fc+cosface"]
+    attfc = plan_configs(["attfc"], [], "arcface")[0]["overrides"]
+    assert "data.sampler=attention" in attfc and attfc[0] == "head.kind=attfc"
+
+
+def _tiny(tmp_path: Path) -> list[str]:
+    sets = [f"data.path={tmp_path / 'data'}", "synth.num_identities=24", "synth.num_holdout=8", "synth.num_pairs=40",
+            "synth.min_images=4", "synth.max_images=12", "synth.mean_images=8.0", "synth.samples_per_shard=50",
+            "data.num_workers=0", "train.batch_size=16", "train.log_every=2", "train.warmup_steps=0",
+            "eval.batch_size=32", "run.tensorboard=false"]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+@pytest.mark.slow
+def test_quality_bench_rows_table_and_resume(tmp_path: Path) -> None:
+    """Three real runs (fc, attfc with its attention sampler, fc with cosface): catches a head the bench cannot train,
+    rows with different images seen, eval fields missing, a table not written, and --resume running a row again."""
+    out, md = tmp_path / "q.jsonl", tmp_path / "q.md"
+    cmd = [sys.executable, str(REPO / "launch/bench.py"), "quality", "--heads", "fc", "attfc", "--margins",
+           "cosface", "--epochs", "0.5", "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--md", str(md),
+           "--machine", "ci", *_tiny(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["fc+arcface", "attfc+arcface", "fc+cosface"]
+    assert [r["sampler"] for r in rows] == ["instance", "attention", "instance"]
+    assert len({r["images_seen"] for r in rows}) == 1 and rows[0]["images_seen"] == rows[0]["steps"] * 16
+    assert rows[1]["images_decoded"] == 3 * rows[1]["images_seen"]  # a query and 2 key images per item
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["steps_trained"] == r["steps"] >= 2
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["tar_at_far_1e-2"] <= 1.0
+        assert r["step_ms_mean"] > 0 and r["peak_host_rss_GiB"] > 0 and r["wall_s"] > 0
+        assert r["env"]["torch"] and r["command"].startswith("python launch/bench.py quality")
+    table = md.read_text()
+    assert table.count("| fc+") == 2 and "| attfc+arcface |" in table and "TAR@FAR=1e-2" in table
+
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("skipped (--resume)") == 3
+    assert len(out.read_text().splitlines()) == 3  # nothing trained, nothing appended
+
+    (md).unlink()
+    redo = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "quality", "--table", "--out", str(out),
+                           "--md", str(md), "--machine", "ci"], capture_output=True, text=True, timeout=120)
+    assert redo.returncode == 0 and md.read_text() == render_table(rows, "ci")
