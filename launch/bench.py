@@ -9,6 +9,11 @@ memory is reported as a row with ``"status": "oom"``, not as a crash.
 
     python launch/bench.py data --data-path data/synth_tiny --num-workers 2
 
+    python launch/bench.py train --num-classes 1000000 --backbone iresnet50 --batch-size 256 --heads partial_fc:ram
+
+``train``: the trainer's own step (real engine, head, bank and prefetcher) on synthetic images, with each head and
+with no classifier (backbone only), for the ratio of their images/s (offloadfr/train/bench_train.py).
+
 ``data``: decoded, augmented images/s of our training loader against a plain ``webdataset.WebDataset`` pipeline
 doing the same decoding and flips with the same workers, alternating rounds in one run (offloadfr/data/bench.py).
 """
@@ -193,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         from offloadfr.train.bench_backbone import main as backbone_main
 
         return backbone_main(argv[1:])
+    if argv and argv[0] == "train":  # the trainer's step, each head vs backbone only: offloadfr/train/bench_train.py
+        from offloadfr.train.bench_train import main as train_main
+
+        return train_main(argv[1:])
     if argv and argv[0] == "_head_one":
         print(json.dumps(_head_one(json.loads(argv[1]))))
         return 0
