@@ -390,8 +390,9 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="bench.py train", description=__doc__.splitlines()[0])
     p.add_argument("--num-classes", type=int, nargs="+", default=[1_000_000])
-    p.add_argument("--heads", nargs="+", default=["partial_fc:ram", "partial_fc:nvme", "fc", "pfc_dense"],
-                   help="head kinds (partial_fc takes a tier after a colon); the backbone-only row always runs")
+    p.add_argument("--heads", nargs="*", default=["partial_fc:ram", "partial_fc:nvme", "fc", "pfc_dense"],
+                   help="head kinds (partial_fc takes a tier after a colon); the backbone-only row always runs "
+                   "(alone: --heads with no name)")
     p.add_argument("--labels", nargs="+", choices=LABEL_ORDERS, default=["uniform", "grouped"])
     p.add_argument("--images-per-identity", type=int, default=4, help="K of grouped; images per id of block")
     p.add_argument("--backbone", default="iresnet50")
