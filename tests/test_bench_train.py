@@ -90,3 +90,33 @@ def test_block_labels_follow_the_block_sampler() -> None:
     assert blocks_per_batch(ours) == pytest.approx(blocks_per_batch(theirs), rel=0.25)
     seen = np.bincount(torch.cat(ours).numpy(), minlength=n)
     assert seen.max() <= k and seen.sum() == steps * b
+
+
+def test_head_backward_interval_ends_between_head_and_backbone_gradients() -> None:
+    """The head share's backward part ends after the head's own row gradient and before any backbone gradient:
+    catches a marker that closes the interval too early (head work counted as backbone) or too late."""
+    from offloadfr.heads import Head
+    from offloadfr.train.bench_train import _Clock, _timed_head
+
+    order: list[str] = []
+
+    class RowHead(Head):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w_CD = torch.nn.Parameter(torch.randn(300, 8))
+            self.w_CD.register_hook(lambda g: order.append("head rows"))
+
+        def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+            cos_BC = torch.nn.functional.normalize(emb_BD) @ torch.nn.functional.normalize(self.w_CD).t()
+            return torch.nn.functional.cross_entropy(10 * cos_BC, labels_B)
+
+    backbone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    for p in backbone.parameters():
+        p.register_hook(lambda g: order.append("backbone"))
+    head = _timed_head(RowHead(), _Clock(torch.device("cpu")))
+    end_backward = head._end_backward
+    head._end_backward = lambda: (order.append("end of head backward"), end_backward())
+    loss = head(backbone(torch.randn(6, 4)), torch.randint(0, 300, (6,)))
+    loss.backward()
+    assert order == ["head rows", "end of head backward"] + ["backbone"] * 4
+    assert len(head.intervals) == 2 and all(t1 >= t0 for t0, t1 in head.intervals)  # forward, backward
