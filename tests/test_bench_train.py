@@ -54,6 +54,9 @@ def test_train_bench_rows_at_1m_ids(tmp_path: Path) -> None:
     for r in rows[3:]:  # nvme: blocks come from the store or, never written yet, from the initialiser
         assert r["bank_blocks_loaded_per_s"] + r["bank_blocks_initialised_per_s"] > 0
     assert list(banks.iterdir()) == []
+    table = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "train", "--table", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0 and table.stdout.count("\n") == 2 + len(rows), table.stderr
 
 
 def test_grouped_labels_are_p_identities_times_k() -> None:

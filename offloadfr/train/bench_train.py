@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bench_one", "main", "LABEL_ORDERS", "BACKBONE_ONLY"]
+__all__ = ["bench_one", "main", "make_labels", "table", "LABEL_ORDERS", "BACKBONE_ONLY", "TABLE_COLUMNS"]
 
 LABEL_ORDERS = ("uniform", "grouped", "block")
 """Label orders of the synthetic batches (module docstring)."""
@@ -381,10 +381,32 @@ def _versions() -> dict[str, str]:
     return out
 
 
+TABLE_COLUMNS = ("head", "num_classes", "labels", "engine", "status", "images_per_s", "ratio_to_backbone_only",
+                 "head_share", "step_ms_p50", "peak_device_GiB", "peak_host_rss_GiB", "bank_read_Bps",
+                 "bank_written_Bps", "storage_read_Bps", "storage_written_Bps", "bank_blocks_initialised_per_s",
+                 "prefetch_stall_pct")
+"""The columns of ``--table``."""
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of train rows (:data:`TABLE_COLUMNS`; floats to 3 significant digits)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for row in rows:
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in TABLE_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     """``train`` subcommand of launch/bench.py: one subprocess per configuration; prints JSON rows."""
     if argv and argv[0] == "_one":
         print(json.dumps(bench_one(json.loads(argv[1]))))
+        return 0
+    if argv and argv[0] == "--table":  # bench.py train --table rows.jsonl
+        if len(argv) != 2:
+            raise SystemExit("usage: bench.py train --table ROWS.jsonl")
+        text = Path(argv[1]).read_text()
+        print(table([row for row in map(json.loads, text.splitlines()) if row.get("bench") == "train"]))
         return 0
     from offloadfr.train.bench_backbone import ENGINES
 
