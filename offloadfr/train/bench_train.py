@@ -283,8 +283,10 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
     n, b, size = spec["num_classes"], spec["batch_size"], spec["image_size"]
     warmup, steps = spec["warmup"], spec["steps"]
     block_rows = min(n, cfg.bank.chunk_rows) or auto_rows
+    # lookahead batches more than are stepped, so that each timed step has one plan() in the window, as in training
     labels = make_labels("uniform" if kind == BACKBONE_ONLY else spec["labels"], num_classes=n, batch_size=b,
-                         num_batches=warmup + steps, images_per_identity=spec["images_per_identity"],
+                         num_batches=warmup + steps + cfg.cache.lookahead,
+                         images_per_identity=spec["images_per_identity"],
                          block_rows=block_rows, block_window=cfg.bank.cache_blocks, seed=cfg.run.seed)
     views = (1 + cfg.data.num_keys,) if kind == "attfc" else ()  # attention batches: a query and k keys
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
