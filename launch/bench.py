@@ -22,6 +22,11 @@ and the fused (Triton) margin cross-entropy, each with fp32, TF32 and bf16 logit
 
 ``quality``: every head and margin trained through launch/train.py on the same data for the same images seen; one row
 per configuration and a table in docs/benchmarks/quality_<machine>.md (offloadfr/train/bench_quality.py).
+
+    python launch/bench.py train --num-classes 1000000 --backbone iresnet50 --batch-size 256 --heads partial_fc:ram
+
+``train``: the trainer's own step (real engine, head, bank and prefetcher) on synthetic images, with each head and
+with no classifier (backbone only), for the ratio of their images/s (offloadfr/train/bench_train.py).
 """
 
 from __future__ import annotations
@@ -228,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         from offloadfr.train.bench_quality import main as quality_main
 
         return quality_main(argv[1:])
+    if argv and argv[0] == "train":  # the trainer's step, each head vs backbone only: offloadfr/train/bench_train.py
+        from offloadfr.train.bench_train import main as train_main
+
+        return train_main(argv[1:])
     if argv and argv[0] == "_head_one":
         print(json.dumps(_head_one(json.loads(argv[1]))))
         return 0

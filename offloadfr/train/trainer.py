@@ -47,7 +47,7 @@ from offloadfr.dist import (
 )
 from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError, OffloadFRError
 from offloadfr.eval.verification import VerificationResult, evaluate_pack
-from offloadfr.heads import HeadDeps, build_head
+from offloadfr.heads import Head, HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone
 from offloadfr.train.checkpoint import (
@@ -62,7 +62,7 @@ from offloadfr.train.engine import Engine, resolve_precision
 from offloadfr.train.metrics import Progress, check_sinks, open_sinks, warn_once
 from offloadfr.train.schedulers import LRSchedule
 
-__all__ = ["train", "TrainResult", "run_dir_of", "ensure_dataset", "normalise_images"]
+__all__ = ["train", "TrainResult", "run_dir_of", "ensure_dataset", "normalise_images", "train_step", "with_lookahead"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,8 +136,8 @@ def _epochs(loader_for: Callable[[int], Any], total_steps: int, num_classes: int
         epoch += 1
 
 
-def _with_lookahead(batches: Iterator[tuple[int, Any]], depth: int,
-                    plan: Callable[[torch.Tensor], None]) -> Generator[tuple[int, Any], None, None]:
+def with_lookahead(batches: Iterator[tuple[int, Any]], depth: int,
+                   plan: Callable[[torch.Tensor], None]) -> Generator[tuple[int, Any], None, None]:
     """Yields ``batches`` unchanged, but calls ``plan(labels_B)`` for each ``depth`` batches before yielding it.
 
     This is how heads learn the ids of the coming batches (the plan) while the current one trains.
@@ -150,6 +150,46 @@ def _with_lookahead(batches: Iterator[tuple[int, Any]], depth: int,
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def train_step(engine: Engine, head: Head, images_u8: torch.Tensor, labels_B: torch.Tensor, lr: float,
+               device: torch.device) -> tuple[float, float, bool]:
+    """One training step on one batch: normalise, backbone forward, head loss, backward, then the guard and updates.
+
+    The trainer runs it for every batch, and ``launch/bench.py train`` (train/bench_train.py) times it, so both
+    measure and train the same code. The head must have been told the batch's labels (``head.plan``) beforehand,
+    as :func:`with_lookahead` does.
+
+    Args:
+        engine: trains the backbone.
+        head: the classifier head.
+        images_u8: uint8 images (B, 3, S, S), or attention batches (B, 1+k, 3, S, S) whose keys go to the head.
+        labels_B: global ids (B,), on the CPU.
+        lr: the learning rate of this step (engine and head).
+        device: where the step computes.
+
+    Returns:
+        ``(loss, grad_norm, updated)``: the loss and the backbone's gradient norm before clipping; ``updated`` is
+        False when one of them was not finite, in which case nothing was updated (``engine.zero_grad()`` and
+        ``head.skip()`` instead of the steps: the guard).
+    """
+    if images_u8.dim() == 5:  # attention batches (B, 1+k, 3, S, S): the query, then the keys for attfc
+        head.set_key_images(normalise_images(images_u8[:, 1:], device))
+        images_u8 = images_u8[:, 0]
+    x = normalise_images(images_u8, device)
+    labels_dev = labels_B.to(device, non_blocking=True)
+    emb_BD = engine.forward(x)
+    loss = head(emb_BD, labels_dev)
+    engine.backward(loss)
+    grad_norm = engine.grad_norm()
+    loss_value = loss.detach().item()
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        engine.step(lr)
+        head.update(lr)
+        return loss_value, grad_norm, True
+    engine.zero_grad()  # the guard: nothing is updated from this step, and nothing reaches the bank
+    head.skip()
+    return loss_value, grad_norm, False
 
 
 def _check_labels(labels_B: torch.Tensor, num_classes: int) -> None:
@@ -245,7 +285,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
         t_start = time.perf_counter()
         t_log, data_time, images_since_log = t_start, 0.0, 0
         remaining = _epochs(loader_for, total_steps, num_classes, start=step, steps_per_epoch=steps_per_epoch)
-        batches = _with_lookahead(remaining, cfg.cache.lookahead, head.plan)
+        batches = with_lookahead(remaining, cfg.cache.lookahead, head.plan)
         epoch = step // steps_per_epoch
         skipped = skipped_in_row = 0
         stop = _GracefulStop()
@@ -255,24 +295,11 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
                 epoch, (images_u8, labels_B) = next(batches)
                 data_time += time.perf_counter() - t_data
                 lr = schedule(step)
-                if images_u8.dim() == 5:  # attention batches (B, 1+k, 3, S, S): the query, then the keys for attfc
-                    head.set_key_images(normalise_images(images_u8[:, 1:], env.device))
-                    images_u8 = images_u8[:, 0]
-                x = normalise_images(images_u8, env.device)
-                labels_dev = labels_B.to(env.device, non_blocking=True)
-                emb_BD = engine.forward(x)
-                loss = head(emb_BD, labels_dev)
-                engine.backward(loss)
-                grad_norm = engine.grad_norm()
-                loss_value = loss.detach().item()
+                loss_value, grad_norm, updated = train_step(engine, head, images_u8, labels_B, lr, env.device)
                 schedule.observe(step, loss_value)  # mhlr decides the next step's rate from the loss
-                if math.isfinite(loss_value) and math.isfinite(grad_norm):
-                    engine.step(lr)
-                    head.update(lr)
+                if updated:
                     skipped_in_row = 0
-                else:  # the guard: nothing is updated from this step, and nothing reaches the bank
-                    engine.zero_grad()
-                    head.skip()
+                else:  # the guard skipped it: nothing was updated from this step, and nothing reached the bank
                     skipped_in_row += 1
                     skipped += 1
                     what = f"step {step}: loss = {loss_value}, gradient norm = {grad_norm}"
