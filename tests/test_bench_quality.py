@@ -28,7 +28,7 @@ def _tiny(tmp_path: Path) -> list[str]:
     sets = [f"data.path={tmp_path / 'data'}", "synth.num_identities=24", "synth.num_holdout=8", "synth.num_pairs=40",
             "synth.min_images=4", "synth.max_images=12", "synth.mean_images=8.0", "synth.samples_per_shard=50",
             "data.num_workers=0", "train.batch_size=16", "train.log_every=2", "train.warmup_steps=0",
-            "eval.batch_size=32", "run.tensorboard=false"]
+            "eval.batch_size=32", "run.tensorboard=off"]
     return [arg for s in sets for arg in ("--set", s)]
 
 
