@@ -205,9 +205,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     if env.is_main:  # a flush a crash left prepared: forward or back (one process settles the global bank)
         resolve_bank(bank_path, checkpoint_steps(run_dir))
     barrier()
-    if cfg.head.kind == "attfc" and getattr(engine, "zero_stage", 0) == 3:
-        raise ConfigError("head.kind = 'attfc' copies the backbone as its key encoder, which ZeRO stage 3 partitions; "
-                          "use ZeRO stage 0-2 in engine.deepspeed_config")
+    if cfg.head.kind in ("attfc", "dcp") and getattr(engine, "zero_stage", 0) == 3:
+        raise ConfigError(f"head.kind = {cfg.head.kind!r} copies the backbone as its EMA twin, which ZeRO stage 3 "
+                          "partitions; use ZeRO stage 0-2 in engine.deepspeed_config")
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path,
                                          rank=env.rank, world_size=env.world_size, backbone=engine.model,
@@ -259,6 +259,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
                     images_u8 = images_u8[:, 0]
                 x = normalise_images(images_u8, env.device)
                 labels_dev = labels_B.to(env.device, non_blocking=True)
+                if cfg.data.sampler == "dual":  # instance rows + identity groups: the head picks the backbone's rows
+                    x, labels_dev = head.take_dual_batch(x, labels_dev, instance_rows=cfg.train.batch_size,
+                                                         images_per_identity=cfg.data.images_per_identity)
                 emb_BD = engine.forward(x)
                 loss = head(emb_BD, labels_dev)
                 engine.backward(loss)
