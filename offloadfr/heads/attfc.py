@@ -198,7 +198,8 @@ class AttFCHead(Head):
 
     def metrics(self) -> dict[str, float]:
         """Masked queue entries per query, filled queue slots, mean top attention weight, mean positive cosine."""
-        return {name: float(value) for name, value in self._last.items()}
+        bank = self.center_bank.metrics() if self.center_bank is not None else {}  # bank mode: its traffic
+        return {**{name: float(value) for name, value in self._last.items()}, **bank}
 
     # ---------------------------------------------------------------- bank mode (head.bank_negatives > 0)
     def prepare(self, step: int) -> None:
