@@ -5,8 +5,10 @@ momentum). The trainer drives every head the same way, once per step::
 
     head.plan(labels_B)             # once per batch, in order, up to cache.lookahead batches before it is used
     head.set_key_images(keys)       # attention batches only (attfc): the k key images of each query
-    images, labels_B = head.take_dual_batch(images, labels_B, ...)  # dual batches only: dcp keeps its gallery
-                                    # rows and returns the probe rows; other heads get the whole batch back
+    images, labels_B = head.take_dual_batch(images, labels_B, ...)
+                                    # dual batches only: dcp keeps its gallery images and returns those the backbone
+                                    # forwards; every other head gets the whole batch back
+    emb_BD = engine.forward(images)
     loss = head(emb_BD, labels_B)   # logits, margin, cross-entropy
     engine.backward(loss)           # gradients reach the backbone and the head's rows
     head.update(lr)                 # the head's own optimizer step on the rows that received a gradient
@@ -56,7 +58,8 @@ class HeadDeps:
         rank: this process's rank; the head owns a contiguous range of ids (``dist.ClassPartition``).
         world_size: W, the number of training processes; 1 is the plain path (no collective).
         backbone: the trained backbone (the query encoder), for heads with an EMA twin (``attfc`` copies it as its
-            key encoder and reads its parameters after each step); None when the head needs none.
+            key encoder, ``dcp`` as its gallery net, and both read its parameters after each step); None when the
+            head needs none.
         precision: the autocast dtype of the backbone's forward (float32: no autocast); twins run under it too.
     """
 
