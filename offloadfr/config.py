@@ -150,13 +150,14 @@ class ModelCfg:
 class HeadCfg:
     """[head]: the classifier over identities."""
 
-    kind: Literal["fc", "partial_fc", "pfc_dense", "vfc", "attfc"] = "fc"
+    kind: Literal["fc", "partial_fc", "pfc_dense", "vfc", "attfc", "dcp"] = "fc"
     """``fc``: all class centers on the device (small N only); ``partial_fc``: centers in the bank ([bank]), K of
     them resident in the device container ([cache]); ``pfc_dense``: arcface_torch's PartialFC_V2 on the device
     (dense weight and momentum, negatives resampled every step; a baseline); ``vfc``: Virtual FC, ``num_anchors``
     anchors rebuilt from each batch's features (meant for the identity P×K sampler; docs/methods.md); ``attfc``:
     AttFC, a FIFO of generative class centers made by an EMA key encoder from key images (needs
-    ``data.sampler = "attention"``; docs/methods.md)."""
+    ``data.sampler = "attention"``; docs/methods.md); ``dcp``: F2C's Dynamic Class Pool, per-identity features of an
+    EMA gallery net in an LRU pool (needs ``data.sampler = "dual"``; docs/methods.md)."""
     sample_rate: float = _field(1.0, gt=0, le=1)
     """Partial FC heads: fraction of the classes in each step's softmax (the batch's positives are always in)."""
     momentum: float = _field(0.9, ge=0, lt=1)
@@ -187,6 +188,22 @@ class HeadCfg:
     batch_negatives: bool = False
     """``attfc``: also use the other samples' generative class centers of the batch as negatives (same label masked);
     the code (false) uses only each query's own center and the queue."""
+    dcp_form: Literal["single", "symmetric"] = "symmetric"
+    """``dcp``: ``single`` is the paper's one pass (gallery half → pool update, probe half → loss); ``symmetric`` the
+    authors' code: a first pass with the halves swapped whose pool changes are rolled back, then the persistent pass;
+    the loss is the sum of both (the backbone and the gallery net each see the whole batch)."""
+    pool_fraction: float = _field(0.01, gt=0, le=1)
+    """``dcp``: size S of the Dynamic Class Pool as a fraction of the identities, S = max(1, int(fraction × N)) (the
+    code's README: 1 % or 0.1 %)."""
+    gallery_momentum: float = _field(0.99, ge=0, lt=1)
+    """``dcp``: m of the gallery net's EMA, θ_G ← m·θ_G + (1 − m)·θ_P once per optimizer step (the code's 0.99)."""
+    hard_negatives: int = _field(0, ge=0)
+    """``dcp``: k of the outlier term (mean of the k largest cosines, clipped at 0, of each probe whose identity is
+    not in the pool); 0 = the code's rule min(max(int(0.0002·S), 3), 10)."""
+    bank_negatives: int = _field(0, ge=0)
+    """``dcp`` and ``attfc``: 0 = bank off (the authors' code); n > 0 = bank on: each identity's latest generated
+    center is also written to the class bank ([bank]), and each step n ids written before are read back from it as
+    extra negative columns (docs/methods.md)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -471,6 +488,10 @@ def _check_cross_fields(cfg: Config) -> None:
     if cfg.head.kernel == "triton" and cfg.loss.kind == "adasin":
         raise ConfigError("head.kernel = 'triton' with loss.kind = 'adasin': the fused kernel changes only the "
                           "positive column and adasin changes hard negatives too; set head.kernel = 'torch'")
+    if cfg.head.kind == "dcp" and (cfg.data.sampler != "dual" or cfg.data.images_per_identity < 2):
+        raise ConfigError(f"head.kind = 'dcp' with data.sampler = {cfg.data.sampler!r} and data.images_per_identity = "
+                          f"{cfg.data.images_per_identity}: the dcp head needs identity pairs, set data.sampler = "
+                          "'dual' and data.images_per_identity >= 2")
 
 
 def _check_milestones(t: TrainCfg) -> None:

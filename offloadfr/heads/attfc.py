@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from offloadfr.config import HeadCfg
 from offloadfr.heads.base import Head, HeadDeps, register_head
+from offloadfr.heads.center_bank import CenterBank
 from offloadfr.losses import margin_cross_entropy
 
 __all__ = ["AttFCHead", "generative_centers", "queue_slots"]
@@ -113,6 +114,9 @@ class AttFCHead(Head):
         self._keys: torch.Tensor | None = None  # this step's key images, until forward
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's GCCs and labels, until update
         self._last: dict[str, torch.Tensor] = {}
+        # bank mode (head.bank_negatives > 0): the GCCs also go to the class bank, which lends extra negatives
+        self.center_bank = (CenterBank(deps, head_kind="attfc", num_negatives=cfg.bank_negatives)
+                            if cfg.bank_negatives else None)
 
     def set_key_images(self, keys_BK: torch.Tensor) -> None:
         """Keeps the key images (B, k, 3, S, S), normalised, for the next ``forward``."""
@@ -145,6 +149,8 @@ class AttFCHead(Head):
         b = emb_BD.shape[0]
         cos_BC = e_BD @ torch.cat([gcc_BD, self.queue_QD]).t()  # (B, B + Q); GCCs and queue carry no gradient
         mask_BC = self.mask(labels_B)
+        if self.center_bank is not None:  # bank mode: extra negative columns from the class bank, own id masked
+            cos_BC, mask_BC = self.center_bank.extend(e_BD, labels_B, cos_BC, mask_BC)
         target_B = torch.arange(b, device=emb_BD.device)
         logits_BC = self.margin(cos_BC, target_B).masked_fill(mask_BC, float("-inf"))
         self._pending = (gcc_BD.detach(), labels_B.detach())
@@ -180,6 +186,8 @@ class AttFCHead(Head):
             p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
         if self._pending is not None:
             self.enqueue(*self._pending)
+        if self.center_bank is not None and self._pending is not None:  # bank mode: the GCCs reach the bank
+            self.center_bank.write(self._pending[1], self._pending[0])
         self._pending = None
 
     @torch.no_grad()
@@ -199,8 +207,22 @@ class AttFCHead(Head):
 
     def metrics(self) -> dict[str, float]:
         """Masked queue entries per query, filled queue slots, mean top attention weight, mean positive cosine, mean
-        cosine to the unmasked queue entries."""
-        return {name: float(value) for name, value in self._last.items()}
+        cosine to the unmasked queue entries; in bank mode also the bank's traffic."""
+        bank = self.center_bank.metrics() if self.center_bank is not None else {}  # bank mode: its traffic
+        return {**{name: float(value) for name, value in self._last.items()}, **bank}
+
+    # ---------------------------------------------------------------- bank mode (head.bank_negatives > 0)
+    def prepare(self, step: int) -> None:
+        if self.center_bank is not None:
+            self.center_bank.prepare(step)
+
+    def commit(self, step: int) -> None:
+        if self.center_bank is not None:
+            self.center_bank.commit(step)
+
+    def close(self) -> None:
+        if self.center_bank is not None:
+            self.center_bank.close()
 
     def __repr__(self) -> str:
         return (f"AttFCHead(queue_size={self.queue_size}, dim={self.queue_QD.shape[1]}, "

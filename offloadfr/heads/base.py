@@ -5,6 +5,10 @@ momentum). The trainer drives every head the same way, once per step::
 
     head.plan(labels_B)             # once per batch, in order, up to cache.lookahead batches before it is used
     head.set_key_images(keys)       # attention batches only (attfc): the k key images of each query
+    images, labels_B = head.take_dual_batch(images, labels_B, ...)
+                                    # dual batches only: dcp keeps its gallery images and returns those the backbone
+                                    # forwards; every other head gets the whole batch back
+    emb_BD = engine.forward(images)
     loss = head(emb_BD, labels_B)   # logits, margin, cross-entropy
     engine.backward(loss)           # gradients reach the backbone and the head's rows
     head.update(lr)                 # the head's own optimizer step on the rows that received a gradient
@@ -54,7 +58,8 @@ class HeadDeps:
         rank: this process's rank; the head owns a contiguous range of ids (``dist.ClassPartition``).
         world_size: W, the number of training processes; 1 is the plain path (no collective).
         backbone: the trained backbone (the query encoder), for heads with an EMA twin (``attfc`` copies it as its
-            key encoder and reads its parameters after each step); None when the head needs none.
+            key encoder, ``dcp`` as its gallery net, and both read its parameters after each step); None when the
+            head needs none.
         precision: the autocast dtype of the backbone's forward (float32: no autocast); twins run under it too.
     """
 
@@ -85,6 +90,14 @@ class Head(nn.Module):
         """Hands over the key images of the coming ``forward``: normalised floats (B, k, 3, S, S) on the head's
         device, item ``b`` the k keys of query ``b`` (``data.sampler = "attention"``). Only ``attfc`` takes them."""
         raise NotImplementedError(f"{type(self).__name__} takes no key images; only head.kind = 'attfc' does")
+
+    def take_dual_batch(self, images: torch.Tensor, labels: torch.Tensor, *, instance_rows: int,
+                        images_per_identity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Receives a whole normalised ``dual`` batch (``data.sampler = "dual"``: ``instance_rows`` instance images,
+        then identity groups of ``images_per_identity``) and returns the images the trained backbone forwards and
+        their labels, in the order of the coming ``forward``'s embeddings. ``dcp`` keeps its gallery images here;
+        every other head trains on the whole batch (the default returns it unchanged)."""
+        return images, labels
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Returns the scalar training loss of embeddings ``emb_BD`` with global class ids ``labels_B``."""

@@ -153,7 +153,7 @@ def with_lookahead(batches: Iterator[tuple[int, Any]], depth: int,
 
 
 def train_step(engine: Engine, head: Head, images_u8: torch.Tensor, labels_B: torch.Tensor, lr: float,
-               device: torch.device) -> tuple[float, float, bool]:
+               device: torch.device, *, dual: tuple[int, int] | None = None) -> tuple[float, float, bool]:
     """One training step on one batch: normalise, backbone forward, head loss, backward, then the guard and updates.
 
     The trainer runs it for every batch, and ``launch/bench.py train`` (train/bench_train.py) times it, so both
@@ -167,6 +167,8 @@ def train_step(engine: Engine, head: Head, images_u8: torch.Tensor, labels_B: to
         labels_B: global ids (B,), on the CPU.
         lr: the learning rate of this step (engine and head).
         device: where the step computes.
+        dual: ``(B, K)`` of a ``dual`` batch (B instance images, then identity groups of K images); the head
+            (``Head.take_dual_batch``) then picks the images the backbone forwards. None: any other sampler.
 
     Returns:
         ``(loss, grad_norm, updated)``: the loss and the backbone's gradient norm before clipping; ``updated`` is
@@ -178,6 +180,8 @@ def train_step(engine: Engine, head: Head, images_u8: torch.Tensor, labels_B: to
         images_u8 = images_u8[:, 0]
     x = normalise_images(images_u8, device)
     labels_dev = labels_B.to(device, non_blocking=True)
+    if dual is not None:  # instance rows + identity groups: the head keeps its gallery images (dcp)
+        x, labels_dev = head.take_dual_batch(x, labels_dev, instance_rows=dual[0], images_per_identity=dual[1])
     emb_BD = engine.forward(x)
     loss = head(emb_BD, labels_dev)
     engine.backward(loss)
@@ -246,9 +250,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     if env.is_main:  # a flush a crash left prepared: forward or back (one process settles the global bank)
         resolve_bank(bank_path, checkpoint_steps(run_dir))
     barrier()
-    if cfg.head.kind == "attfc" and getattr(engine, "zero_stage", 0) == 3:
-        raise ConfigError("head.kind = 'attfc' copies the backbone as its key encoder, which ZeRO stage 3 partitions; "
-                          "use ZeRO stage 0-2 in engine.deepspeed_config")
+    if cfg.head.kind in ("attfc", "dcp") and getattr(engine, "zero_stage", 0) == 3:
+        raise ConfigError(f"head.kind = {cfg.head.kind!r} copies the backbone as its EMA twin, which ZeRO stage 3 "
+                          "partitions; use ZeRO stage 0-2 in engine.deepspeed_config")
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path,
                                          rank=env.rank, world_size=env.world_size, backbone=engine.model,
@@ -295,7 +299,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
                 epoch, (images_u8, labels_B) = next(batches)
                 data_time += time.perf_counter() - t_data
                 lr = schedule(step)
-                loss_value, grad_norm, updated = train_step(engine, head, images_u8, labels_B, lr, env.device)
+                dual = (cfg.train.batch_size, cfg.data.images_per_identity) if cfg.data.sampler == "dual" else None
+                loss_value, grad_norm, updated = train_step(engine, head, images_u8, labels_B, lr, env.device,
+                                                            dual=dual)
                 schedule.observe(step, loss_value)  # mhlr decides the next step's rate from the loss
                 if updated:
                     skipped_in_row = 0
