@@ -32,15 +32,14 @@ BatchNorm running statistics of that step's forward stay, as they are not read i
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from offloadfr.config import HeadCfg
-from offloadfr.heads.base import Head, HeadDeps, register_head
-from offloadfr.heads.center_bank import CenterBank
+from offloadfr.heads.base import HeadDeps, register_head
+from offloadfr.heads.twin import TwinHead, ema_
 from offloadfr.losses import margin_cross_entropy
 
 __all__ = ["AttFCHead", "generative_centers", "queue_slots"]
@@ -77,7 +76,7 @@ def queue_slots(ptr: int, count: int, size: int) -> tuple[torch.Tensor, torch.Te
 
 
 @register_head("attfc")
-class AttFCHead(Head):
+class AttFCHead(TwinHead):
     """AttFC: EMA key encoder, generative class centers and their FIFO (see the module docstring).
 
     Args:
@@ -96,14 +95,9 @@ class AttFCHead(Head):
     """
 
     def __init__(self, cfg: HeadCfg, deps: HeadDeps) -> None:
-        super().__init__()
-        if deps.backbone is None:
-            raise ValueError("attfc needs HeadDeps.backbone, the query encoder to copy as its key encoder")
+        super().__init__(deps, kind="attfc", bank_negatives=cfg.bank_negatives)
         self.cfg = cfg
-        self.margin = deps.margin
-        self.precision = deps.precision
-        self.__dict__["query_encoder"] = deps.backbone  # a reference, not a submodule: not in this head's state
-        self.key_encoder = copy.deepcopy(deps.backbone).float().requires_grad_(False)
+        self.key_encoder = self.make_twin()  # the query encoder is the trained backbone (self.trained_net)
         self.queue_size = max(1, int(cfg.queue_fraction * deps.num_classes))
         gen = torch.Generator().manual_seed(deps.bank.seed)
         queue_QD = F.normalize(torch.randn(self.queue_size, deps.dim, generator=gen), dim=1)
@@ -115,8 +109,6 @@ class AttFCHead(Head):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's GCCs and labels, until update
         self._last: dict[str, torch.Tensor] = {}
         # bank mode (head.bank_negatives > 0): the GCCs also go to the class bank, which lends extra negatives
-        self.center_bank = (CenterBank(deps, head_kind="attfc", num_negatives=cfg.bank_negatives)
-                            if cfg.bank_negatives else None)
 
     def set_key_images(self, keys_BK: torch.Tensor) -> None:
         """Keeps the key images (B, k, 3, S, S), normalised, for the next ``forward``."""
@@ -181,9 +173,7 @@ class AttFCHead(Head):
     @torch.no_grad()
     def update(self, lr: float) -> None:
         """After the backbone's step: the key encoder's EMA, then this step's GCCs enter the queue."""
-        m = self.cfg.key_momentum
-        for p_k, p_q in zip(self.key_encoder.parameters(), self.query_encoder.parameters(), strict=True):
-            p_k.mul_(m).add_(p_q.detach().to(p_k.dtype), alpha=1.0 - m)
+        ema_(self.key_encoder, self.trained_net, self.cfg.key_momentum)
         if self._pending is not None:
             self.enqueue(*self._pending)
         if self.center_bank is not None and self._pending is not None:  # bank mode: the GCCs reach the bank
@@ -208,21 +198,7 @@ class AttFCHead(Head):
     def metrics(self) -> dict[str, float]:
         """Masked queue entries per query, filled queue slots, mean top attention weight, mean positive cosine, mean
         cosine to the unmasked queue entries; in bank mode also the bank's traffic."""
-        bank = self.center_bank.metrics() if self.center_bank is not None else {}  # bank mode: its traffic
-        return {**{name: float(value) for name, value in self._last.items()}, **bank}
-
-    # ---------------------------------------------------------------- bank mode (head.bank_negatives > 0)
-    def prepare(self, step: int) -> None:
-        if self.center_bank is not None:
-            self.center_bank.prepare(step)
-
-    def commit(self, step: int) -> None:
-        if self.center_bank is not None:
-            self.center_bank.commit(step)
-
-    def close(self) -> None:
-        if self.center_bank is not None:
-            self.center_bank.close()
+        return self.with_bank_metrics(self._last)
 
     def __repr__(self) -> str:
         return (f"AttFCHead(queue_size={self.queue_size}, dim={self.queue_QD.shape[1]}, "

@@ -39,7 +39,6 @@ rollback never touches a tensor autograd saved (§3.6.2). Single process only (t
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from offloadfr.config import HeadCfg
-from offloadfr.heads.base import Head, HeadDeps, register_head
+from offloadfr.heads.base import HeadDeps, register_head
 from offloadfr.heads.center_bank import CenterBank
+from offloadfr.heads.twin import TwinHead, ema_
 from offloadfr.losses import margin_cross_entropy
 
 __all__ = ["DCPHead", "DynamicClassPool", "PoolWrite", "dual_halves", "hard_negative_count", "outlier_loss"]
@@ -237,7 +237,7 @@ class DynamicClassPool(nn.Module):
 
 
 @register_head("dcp")
-class DCPHead(Head):
+class DCPHead(TwinHead):
     """F2C's Dynamic Class Pool with an EMA gallery net (see the module docstring).
 
     Args:
@@ -256,19 +256,12 @@ class DCPHead(Head):
     """
 
     def __init__(self, cfg: HeadCfg, deps: HeadDeps) -> None:
-        super().__init__()
-        if deps.backbone is None:
-            raise ValueError("dcp needs HeadDeps.backbone, the probe net to copy as its gallery net")
+        super().__init__(deps, kind="dcp", bank_negatives=cfg.bank_negatives)
         self.cfg = cfg
-        self.margin = deps.margin
-        self.precision = deps.precision
-        self.__dict__["probe_net"] = deps.backbone  # a reference, not a submodule: not in this head's state
-        self.gallery_net = copy.deepcopy(deps.backbone).float().requires_grad_(False)
+        self.gallery_net = self.make_twin()  # the probe net is the trained backbone (self.trained_net)
         self.pool = DynamicClassPool(max(1, int(cfg.pool_fraction * deps.num_classes)), deps.dim, device=deps.device,
                                      seed=deps.bank.seed)
         self.hard_negatives = cfg.hard_negatives or hard_negative_count(self.pool.size)
-        self.center_bank = (CenterBank(deps, head_kind="dcp", num_negatives=cfg.bank_negatives)
-                            if cfg.bank_negatives else None)
         self._gallery: tuple[torch.Tensor, torch.Tensor, int] | None = None  # images, labels, rows of x
         self._pending: PoolWrite | None = None  # the kept pass's pool changes, until update (or skip undoes them)
         self._centers: tuple[torch.Tensor, torch.Tensor] | None = None  # bank mode: the kept pass's gallery
@@ -366,9 +359,7 @@ class DCPHead(Head):
         if self.center_bank is not None and self._centers is not None:
             self.center_bank.write(*self._centers)
         self._pending = self._centers = None
-        m = self.cfg.gallery_momentum
-        for p_g, p_p in zip(self.gallery_net.parameters(), self.probe_net.parameters(), strict=True):
-            p_g.mul_(m).add_(p_p.detach().to(p_g.dtype), alpha=1.0 - m)
+        ema_(self.gallery_net, self.trained_net, self.cfg.gallery_momentum)
 
     @torch.no_grad()
     def skip(self) -> None:
@@ -379,21 +370,9 @@ class DCPHead(Head):
         self._gallery = None
 
     def metrics(self) -> dict[str, float]:
-        """Used pool slots, the fraction of probes with a slot, their mean cosine, the outlier term (kept pass)."""
-        extra = self.center_bank.metrics() if self.center_bank is not None else {}
-        return {**{name: float(value) for name, value in self._last.items()}, **extra}
-
-    def prepare(self, step: int) -> None:
-        if self.center_bank is not None:
-            self.center_bank.prepare(step)
-
-    def commit(self, step: int) -> None:
-        if self.center_bank is not None:
-            self.center_bank.commit(step)
-
-    def close(self) -> None:
-        if self.center_bank is not None:
-            self.center_bank.close()
+        """Used pool slots, the fraction of probes with a slot, their mean cosine, the outlier term (kept pass); in
+        bank mode also the bank's traffic."""
+        return self.with_bank_metrics(self._last)
 
     def __repr__(self) -> str:
         return (f"DCPHead(form={self.cfg.dcp_form}, pool_size={self.pool.size}, hard_negatives={self.hard_negatives}, "
