@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from offloadfr.train.bench_rows import emit_row, run_in_own_process
 
 __all__ = ["bench_one", "main", "ENGINES"]
 
@@ -134,22 +134,9 @@ def main(argv: list[str]) -> int:
             spec = {"backbone": backbone, "engine": engine, "batch_size": args.batch_size,
                     "image_size": args.image_size, "dim": args.dim, "optimizer": args.optimizer,
                     "precision": args.precision, "device": args.device, "warmup": args.warmup, "steps": args.steps}
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])))
-            proc = subprocess.run([sys.executable, "-m", "offloadfr.train.bench_backbone", "_one", json.dumps(spec)],
-                                  capture_output=True, text=True, cwd=_ROOT, env=env)
-            if proc.returncode == 0:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                failed += 1
-                err = proc.stderr.strip().splitlines()
-                oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-                row = {"bench": "backbone", "status": "oom" if oom else "error", **spec,
-                       "error": err[-1] if err else str(proc.returncode)}
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as fh:
-                    fh.write(line + "\n")
+            row = run_in_own_process("offloadfr.train.bench_backbone", spec, bench="backbone")
+            failed += row["status"] != "ok"
+            emit_row(row, args.out)
     return 1 if failed else 0
 
 

@@ -42,12 +42,13 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from offloadfr.train.bench_rows import emit_row, run_in_own_process
 
 __all__ = ["bench_one", "main", "make_labels", "table", "LABEL_ORDERS", "BACKBONE_ONLY", "TABLE_COLUMNS"]
 
@@ -451,29 +452,15 @@ def main(argv: list[str]) -> int:
                     "precision": args.precision, "device": args.device, "warmup": args.warmup, "steps": args.steps,
                     "images_per_identity": args.images_per_identity, "bank_dir": args.bank_dir,
                     "config_file": args.config, "overrides": args.overrides}
-            env_vars = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT),
-                                                                                 os.environ.get("PYTHONPATH")])))
-            proc = subprocess.run([sys.executable, "-m", "offloadfr.train.bench_train", "_one", json.dumps(spec)],
-                                  capture_output=True, text=True, cwd=_ROOT, env=env_vars)
-            if proc.returncode == 0:
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-            else:
-                err = proc.stderr.strip().splitlines()
-                oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
-                failed += not oom  # running out of memory is a result (the in-device heads at large N), not a failure
-                row = {"bench": "train", "status": "oom" if oom else "error",
-                       **{k: v for k, v in spec.items() if k != "config_file"},
-                       "error": err[-1] if err else str(proc.returncode)}
+            row = run_in_own_process("offloadfr.train.bench_train", spec, bench="train")
+            row.pop("config_file", None)
+            failed += row["status"] == "error"  # running out of memory is a result (in-device heads at large N)
             if head == BACKBONE_ONLY and row["status"] == "ok":
                 base_rate = row["images_per_s"]
             elif row["status"] == "ok" and base_rate:
                 row["ratio_to_backbone_only"] = row["images_per_s"] / base_rate
             row["env"] = env
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as fh:
-                    fh.write(line + "\n")
+            emit_row(row, args.out)
     return 1 if failed else 0
 
 
