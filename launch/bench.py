@@ -46,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from offloadfr.train.bench_rows import emit_row  # noqa: E402 - after the path setup
+
 
 def _versions() -> dict[str, str]:
     import torch
@@ -162,7 +164,7 @@ def _cmd_head(args: argparse.Namespace) -> int:
             row = {"bench": "head", "status": "oom" if oom else "error", **spec,
                    "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else str(proc.returncode)}
         row["env"] = env
-        _emit(row, args.out)
+        emit_row(row, args.out)
     return 0
 
 
@@ -174,7 +176,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
                   sampler=args.sampler, block_rows=128, block_window=8)
     row = measure_data_pipelines(cfg, image_size=args.image_size, batch_size=args.batch_size,
                                  num_batches=args.num_batches, rounds=args.rounds)
-    _emit({**row, "env": _versions()}, args.out)
+    emit_row({**row, "env": _versions()}, args.out)
     return 0
 
 
@@ -192,18 +194,10 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
             print(f"bench.py kernel: error: {err}", file=sys.stderr)
             return 2
         for row in rows:
-            _emit({**row, "env": env}, args.out)
+            emit_row({**row, "env": env}, args.out)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return 0
-
-
-def _emit(row: dict[str, Any], out: str | None) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as fh:
-            fh.write(line + "\n")
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
