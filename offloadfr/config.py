@@ -100,6 +100,11 @@ class DataCfg:
     """``dual``: identities in the identity part of a batch; 0 = batch_size // images_per_identity."""
     num_keys: int = _field(2, ge=1)
     """``attention``: key images per query (AttFC draws 2)."""
+    keys_include_query: bool = False
+    """``attention``: draw the keys uniformly, with replacement, from all the identity's images, the query included
+    (AttFC's loader, ``random.choices``), instead of from its other images. A key that repeats the query (flipped
+    independently) is an easy, instance-level positive; on ``synth_tiny`` it is what lets ``attfc`` learn in one
+    epoch (docs/methods.md)."""
     shard_window: int = _field(4, ge=1)
     """``identity``, ``attention``, ``dual``: items are mixed among this many neighbouring shards of an
     epoch-random shard order (the planned samplers' shuffle buffer)."""

@@ -46,7 +46,7 @@ def test_quality_bench_rows_table_and_resume(tmp_path: Path) -> None:
     assert [r["name"] for r in rows] == ["fc+arcface", "attfc+arcface", "fc+cosface"]
     assert [r["sampler"] for r in rows] == ["instance", "attention", "instance"]
     assert len({r["images_seen"] for r in rows}) == 1 and rows[0]["images_seen"] == rows[0]["steps"] * 16
-    assert rows[1]["images_decoded"] == 3 * rows[1]["images_seen"]  # a query and 2 key images per item
+    assert rows[1]["images_decoded"] == 5 * rows[1]["images_seen"]  # a query and 4 key images (HEAD_NEEDS)
     for r in rows:
         assert r["status"] == "ok", r
         assert r["steps_trained"] == r["steps"] >= 2

@@ -162,6 +162,23 @@ def test_attention_queries_cover_every_sample_once(dataset: Path, stored: dict[b
     _check_every_sample_once(queries, dataset, b)
 
 
+def test_attention_keys_include_query_draws_from_all_images(dataset: Path, stored: dict[bytes, str]) -> None:
+    """Catches ``data.keys_include_query`` being ignored (no key would ever repeat its query, as every test identity
+    has >= 2 images), keys of another identity, or queries no longer covering every sample once."""
+    b, k = 5, 2
+    queries, repeats, others = [], 0, 0
+    for batches in _epoch(dataset, "attention", batch_size=b, num_keys=k, keys_include_query=True):
+        for images_u8, labels in batches:
+            for item, label in zip(images_u8, labels.tolist(), strict=True):
+                keys = _keys(item, stored)
+                assert all(int(x[:9]) == label for x in keys)
+                repeats += keys[1:].count(keys[0])
+                others += sum(x != keys[0] for x in keys[1:])
+                queries.append(keys[0])
+    _check_every_sample_once(queries, dataset, b)
+    assert repeats > 0 and others > repeats, (repeats, others)
+
+
 def test_dual_instance_part_once_identity_part_cycles(dataset: Path, stored: dict[bytes, str]) -> None:
     """Catches an instance part that repeats or drops samples, an identity part that repeats an identity inside one
     cycle, or a layout other than B instance rows then P groups of K."""

@@ -310,7 +310,8 @@ def sampler_spec(cfg: DataCfg, *, batch_size: int, block_rows: int = 0, block_wi
         return SamplerSpec(kind="identity", batch_size=batch_size, images_per_identity=k,
                            num_identities=batch_size // k, window=cfg.shard_window)
     if cfg.sampler == "attention":
-        return SamplerSpec(kind="attention", batch_size=batch_size, num_keys=cfg.num_keys, window=cfg.shard_window)
+        return SamplerSpec(kind="attention", batch_size=batch_size, num_keys=cfg.num_keys, window=cfg.shard_window,
+                           keys_include_query=cfg.keys_include_query)
     if cfg.sampler == "dual":
         p = cfg.dual_identities or max(1, batch_size // k)
         return SamplerSpec(kind="dual", batch_size=batch_size, images_per_identity=k, num_identities=p,

@@ -24,7 +24,8 @@ Batch layouts (``images_u8`` uint8, RGB, randomly flipped; ``labels`` int64 ids,
   K distinct images are drawn when the identity has at least K; otherwise all of them, then random repeats.
 - ``attention``: ``(B, 1+k, 3, S, S)`` and ``(B,)``; item ``b`` holds the query (index 0) and k keys (1..k) of
   identity ``labels[b]``. Every stored image is a query exactly once per epoch (drop_last aside); keys are drawn with
-  replacement from the identity's other images (the query itself only when it is the identity's only image).
+  replacement from the identity's other images (the query itself only when it is the identity's only image), or,
+  with ``keys_include_query``, from all its images, the query included (AttFC's loader).
 - ``dual``: ``(B + P*K, 3, S, S)`` and ``(B + P*K,)``; rows ``[0, B)`` are an instance batch (every image once per
   epoch, as ``attention``'s queries), rows ``B + p*K .. B + p*K+K-1`` identity ``p`` of an identity batch. The
   identity stream cycles: inside one cycle no identity repeats; a new cycle starts when it runs out (F2C's loaders).
@@ -76,6 +77,7 @@ class SamplerSpec:
         images_per_identity: K (``identity``, and the identity part of ``dual``).
         num_identities: P, identities per identity batch (``identity``, ``dual``).
         num_keys: k, key images per query (``attention``).
+        keys_include_query: ``attention``: keys drawn from all the identity's images, the query included.
         window: ``block``: width of the block window, in blocks; others: width of the shard window, in shards.
         block_rows: ``block``: ids per bank block.
     """
@@ -85,6 +87,7 @@ class SamplerSpec:
     images_per_identity: int = 1
     num_identities: int = 0
     num_keys: int = 0
+    keys_include_query: bool = False
     window: int = 1
     block_rows: int = 1
 
@@ -193,9 +196,11 @@ def plan_epoch(index: DatasetIndex, spec: SamplerSpec, *, seed: int, epoch: int,
             row = ids.of_sample[queries]
             n = ids.count[row]
             offset = queries - ids.first[row]
-            # keys: uniform over the identity's other images, with replacement (the query itself when n == 1)
-            draw = rng.integers(0, np.maximum(n - 1, 1)[:, None], size=(len(queries), k))
-            key_offset = np.where(n[:, None] > 1, draw + (draw >= offset[:, None]), 0)
+            if spec.keys_include_query:  # uniform over all the identity's images, with replacement (AttFC's code)
+                key_offset = rng.integers(0, n[:, None], size=(len(queries), k))
+            else:  # uniform over the identity's other images, with replacement (the query itself when n == 1)
+                draw = rng.integers(0, np.maximum(n - 1, 1)[:, None], size=(len(queries), k))
+                key_offset = np.where(n[:, None] > 1, draw + (draw >= offset[:, None]), 0)
             items = np.concatenate([queries[:, None], ids.first[row][:, None] + key_offset], axis=1)
             batches = items.reshape(num_batches, b * (1 + k))
         else:

@@ -61,11 +61,17 @@ HEAD_NEEDS: dict[str, tuple[str, ...]] = {
     "pfc_dense": (),
     "partial_fc": ("cache.num_slots=1024",),  # as ds_configs/runs/synth_tiny_pfc_ram.toml: K < N, so it offloads
     "vfc": ("data.sampler=identity",),  # P×K batches (docs/methods.md)
-    "attfc": ("data.sampler=attention", "loss.arcface_grad=straight_through", "head.key_momentum=0.99"),
+    # attfc: the straight-through gradient and faster EMA of the short-run setting, plus what made it learn in one
+    # epoch of synth_tiny (docs/methods.md, "What makes attfc learn in one epoch"): keys drawn from all the identity's
+    # images (the query included, as AttFC's loader), 4 keys, s = 16, all 20 shards mixed and Q = N.
+    "attfc": ("data.sampler=attention", "loss.arcface_grad=straight_through", "head.key_momentum=0.99",
+              "data.keys_include_query=true", "data.num_keys=4", "loss.s=16", "data.shard_window=20",
+              "head.queue_fraction=1.0"),
     "dcp": ("data.sampler=dual",),
 }
-"""What each head needs besides ``head.kind`` (its sampler; for ``attfc`` also the gradient and EMA rate with which
-it learns in short runs, docs/methods.md). A head kind not listed here runs with no extra override."""
+"""What each head needs besides ``head.kind`` (its sampler; for ``attfc`` also the gradient, EMA rate, key draw, scale,
+shard mix and queue size with which it learns in a one-epoch run, docs/methods.md). A head kind not listed here runs
+with no extra override."""
 
 DEFAULT_MARGINS = ("arcface", "cosface", "adasin")
 """The margins compared on the ``fc`` head by default."""
