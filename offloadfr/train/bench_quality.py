@@ -67,11 +67,13 @@ HEAD_NEEDS: dict[str, tuple[str, ...]] = {
     "attfc": ("data.sampler=attention", "loss.arcface_grad=straight_through", "head.key_momentum=0.99",
               "data.keys_include_query=true", "data.num_keys=4", "loss.s=16", "data.shard_window=20",
               "head.queue_fraction=1.0"),
-    "dcp": ("data.sampler=dual",),
+    # dcp: at the paper's gallery EMA (0.99) it collapses on synth_tiny; an instant copy (0) learns
+    # (docs/methods.md, "On the synthetic dataset"), with a pool of a quarter of the identities (S = 500)
+    "dcp": ("data.sampler=dual", "head.gallery_momentum=0", "head.pool_fraction=0.25"),
 }
 """What each head needs besides ``head.kind`` (its sampler; for ``attfc`` also the gradient, EMA rate, key draw, scale,
-shard mix and queue size with which it learns in a one-epoch run, docs/methods.md). A head kind not listed here runs
-with no extra override."""
+shard mix and queue size with which it learns in a one-epoch run; for ``dcp`` the gallery EMA and pool size;
+docs/methods.md). A head kind not listed here runs with no extra override."""
 
 DEFAULT_MARGINS = ("arcface", "cosface", "adasin")
 """The margins compared on the ``fc`` head by default."""
