@@ -13,6 +13,7 @@ process would read ``WORLD_SIZE = 1``.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -110,6 +111,13 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 
 def destroy_process_group() -> None:
-    """Leaves the process group (if any)."""
+    """Leaves the process group (if any).
+
+    Objects of the finished run that still hold collective work (DDP's reducer, DeepSpeed's engine) can sit in
+    reference cycles; collected only at interpreter shutdown, gloo's worker threads then meet a half-torn-down
+    interpreter and the process aborts ("terminate called without an active exception", exit -6). So they are
+    collected here, while the interpreter is whole, before the group goes.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # no barrier: on an error path the other ranks may never reach one
         dist.destroy_process_group()
