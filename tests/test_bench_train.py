@@ -59,6 +59,23 @@ def test_train_bench_rows_at_1m_ids(tmp_path: Path) -> None:
     assert table.returncode == 0 and table.stdout.count("\n") == 2 + len(rows), table.stderr
 
 
+@pytest.mark.slow
+def test_train_bench_runs_the_generated_center_heads(tmp_path: Path) -> None:
+    """Issue 9 asks for dcp and attfc rows: catches a head whose batches the benchmark cannot build (dcp's dual
+    batches, attfc's query + keys) or whose own work (the dual split, the key images) escapes the head's time."""
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/bench.py"), "train", "--num-classes", "1000", "--backbone", "tiny",
+         "--batch-size", "16", "--image-size", "32", "--dim", "16", "--heads", "dcp", "attfc", "--labels", "uniform",
+         "--steps", "2", "--warmup", "1", "--set", "train.cpu_threads=1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["head"], r["status"]) for r in rows] == [("backbone_only", "ok"), ("dcp", "ok"), ("attfc", "ok")]
+    for r in rows[1:]:
+        assert r["skipped_steps"] == 0 and 0 < r["head_share"] < 1 and r["head_share"] > rows[0]["head_share"]
+
+
 def test_grouped_labels_are_p_identities_times_k() -> None:
     """Catches a grouped batch that is not the identity sampler's layout (K consecutive rows per identity)."""
     batches = make_labels("grouped", num_classes=1_000_000, batch_size=12, num_batches=5, images_per_identity=4,

@@ -153,6 +153,12 @@ def _timed_head(inner: Any, clock: _Clock) -> Any:
         def set_key_images(self, keys_BK: Any) -> None:
             self.inner.set_key_images(keys_BK)
 
+        def take_dual_batch(self, images: Any, labels: Any, **layout: int) -> Any:
+            t0 = clock.mark()
+            out = self.inner.take_dual_batch(images, labels, **layout)
+            self.intervals.append((t0, clock.mark()))
+            return out
+
         def forward(self, emb_BD: Any, labels_B: Any) -> Any:
             t0 = clock.mark()
             emb_BD = _Mark.apply(emb_BD, self._end_backward)
@@ -290,8 +296,16 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
                          images_per_identity=spec["images_per_identity"],
                          block_rows=block_rows, block_window=cfg.bank.cache_blocks, seed=cfg.run.seed)
     views = (1 + cfg.data.num_keys,) if kind == "attfc" else ()  # attention batches: a query and k keys
+    dual = None
+    if kind == "dcp":  # dual batches: the B instance labels, then P identities on K consecutive rows each
+        k = cfg.data.images_per_identity
+        p = cfg.data.dual_identities or b // k
+        dual = (b, k)
+        ids_gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+        labels = [torch.cat([y, torch.randint(0, n, (p,), generator=ids_gen).repeat_interleave(k)]) for y in labels]
+    rows = labels[0].numel()
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    pool = [torch.randint(0, 256, (b, *views, 3, size, size), dtype=torch.uint8, device=device, generator=gen)
+    pool = [torch.randint(0, 256, (rows, *views, 3, size, size), dtype=torch.uint8, device=device, generator=gen)
             for _ in range(2)]
     batches = with_lookahead(((0, (pool[i % 2], y)) for i, y in enumerate(labels)), cfg.cache.lookahead, head.plan)
     lr = cfg.train.lr
@@ -305,7 +319,7 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
     skipped, losses = 0, []
     for _ in range(warmup):
         _, (images_u8, labels_B) = next(batches)
-        loss, _, updated = train_step(engine, head, images_u8, labels_B, lr, device)
+        loss, _, updated = train_step(engine, head, images_u8, labels_B, lr, device, dual=dual)
         skipped += not updated
     sync()
     inner.metrics()  # the prefetcher's counters restart here
@@ -316,7 +330,7 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
     t_start = t_prev = time.perf_counter()
     for _ in range(steps):
         _, (images_u8, labels_B) = next(batches)
-        loss, _, updated = train_step(engine, head, images_u8, labels_B, lr, device)
+        loss, _, updated = train_step(engine, head, images_u8, labels_B, lr, device, dual=dual)
         skipped += not updated
         losses.append(loss)
         m = inner.metrics()  # counters since the previous call: this step's
