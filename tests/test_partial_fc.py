@@ -83,6 +83,7 @@ def test_metrics_count_block_reads_since_the_previous_call(tmp_path: Path) -> No
     """Catches an nvme run whose metrics hide the Zarr block reads it pays for, or count them cumulatively."""
     head = build_head(HeadCfg(kind="partial_fc"), _deps(tmp_path, tier="nvme", num_slots=24, lookahead=1))
     _train(head, 6, lookahead=1)
+    head.prefetcher.write_back_all()  # the worker thread is idle from here, so the counters stand still
     first = head.metrics()  # 5 blocks, 2 cached: evicted dirty blocks are staged, then read back from the journal
     assert first["bank/blocks_read"] > 0 and first["bank/blocks_staged"] > 0
     assert first["bank/blocks_read"] == head.bank.stats()["bank/blocks_loaded"]
