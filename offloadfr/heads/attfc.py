@@ -31,9 +31,6 @@ BatchNorm running statistics of that step's forward stay, as they are not read i
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -113,11 +110,6 @@ class AttFCHead(TwinHead):
     def set_key_images(self, keys_BK: torch.Tensor) -> None:
         """Keeps the key images (B, k, 3, S, S), normalised, for the next ``forward``."""
         self._keys = keys_BK
-
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.precision)
 
     @torch.no_grad()
     def key_features(self, keys_BK: torch.Tensor) -> torch.Tensor:

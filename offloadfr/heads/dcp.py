@@ -38,7 +38,6 @@ rollback never touches a tensor autograd saved (§3.6.2). Single process only (t
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,11 +279,6 @@ class DCPHead(TwinHead):
         both, both_labels = images.index_select(0, order), labels.index_select(0, order)
         self._gallery = (both, both_labels, x.numel())
         return both, both_labels
-
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.precision)
 
     @torch.no_grad()
     def gallery_features(self, images: torch.Tensor) -> torch.Tensor:

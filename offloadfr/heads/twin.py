@@ -8,7 +8,9 @@ part in the two-phase checkpoint and adds its traffic to the head's metrics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +59,12 @@ class TwinHead(Head):
     def make_twin(self) -> nn.Module:
         """A float32 copy of the trained backbone that takes no gradient."""
         return copy.deepcopy(self.trained_net).float().requires_grad_(False)
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """The backbone's autocast (``precision``) for the twin's forward; none in float32."""
+        if self.precision == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.precision)
 
     def with_bank_metrics(self, last: dict[str, torch.Tensor]) -> dict[str, float]:
         """The head's own per-step values as floats, plus the bank's traffic in bank mode."""
