@@ -404,6 +404,21 @@ def test_ram_tier_that_does_not_fit_is_refused_before_training(tmp_path: Path) -
     assert not (tmp_path / "b").exists()
 
 
+def test_ram_tier_check_counts_every_process_on_the_host(tmp_path: Path) -> None:
+    """Catches a ram-tier check that counts one rank's share only: 4 ranks on one machine each hold N / 4 ids, so a
+    bank whose share fits but whose 4 shares together do not must be refused on every rank, before any allocates."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    n = int(1.5 * available / (512 * 4 * 2))  # all of it: 1.5 x what is available; one rank's quarter: 0.375 x
+    kwargs = {"num_classes": n, "dim": 512, "arrays": ("centers", "momentum"), "head_kind": "partial_fc",
+              "num_processes": 4}
+    open_bank(BankCfg(tier="ram"), path=tmp_path / "spread", processes_per_host=1, **kwargs).close()  # 4 hosts
+    with pytest.raises(BankError, match=r"\(4 processes on this host\)"):
+        open_bank(BankCfg(tier="ram"), path=tmp_path / "one_host", processes_per_host=4, **kwargs)
+    assert not (tmp_path / "one_host").exists()
+
+
 def test_ram_tier_rank_holds_only_its_partition(tmp_path: Path) -> None:
     """Catches a ram tier that allocates (and, with CUDA, pins) the whole bank in every rank of a multi-process run:
     a rank holding ids [R, 3R) must have a 2R-row tensor, serve and flush its rows at the right global ids, and

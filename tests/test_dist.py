@@ -80,6 +80,18 @@ def test_partition_matches_arcface_torch_formula_and_rejects_bad_args() -> None:
             ClassPartition(*args)
 
 
+def test_dist_env_counts_the_processes_on_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a DistEnv that ignores LOCAL_WORLD_SIZE (2 nodes x 4 GPUs: 4 ranks share a host's memory, not 8), or
+    that assumes one process per host when a single-machine launcher does not set it."""
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert DistEnv.from_env("cpu").local_world_size == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert DistEnv.from_env("cpu").local_world_size == 8
+
+
 # ------------------------------------------------------------------------------------------------ world size 1 paths
 def test_world_size_one_is_the_plain_path() -> None:
     """Catches a collective (or a ×W gradient scale) on the 1-process path: no process group exists here, so any

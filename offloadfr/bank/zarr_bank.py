@@ -711,8 +711,10 @@ _RAM_HEADROOM = 0.9
 """The ram tier may take at most this fraction of the memory available when the bank is opened."""
 
 
-def check_ram_fits(*, num_classes: int, dim: int, num_arrays: int, available: int | None = None) -> None:
-    """Refuses ``tier = "ram"`` when the bank would not fit in the host memory available now (psutil).
+def check_ram_fits(*, num_classes: int, dim: int, num_arrays: int, available: int | None = None,
+                   processes: int = 1) -> None:
+    """Refuses ``tier = "ram"`` when the rows held on this machine would not fit in the host memory available now
+    (psutil). ``num_classes`` counts the rows of all ``processes`` of this machine together.
 
     Raises:
         BankError: naming the bytes needed and available, and suggesting ``bank.tier = "nvme"``.
@@ -722,13 +724,14 @@ def check_ram_fits(*, num_classes: int, dim: int, num_arrays: int, available: in
     need = num_classes * dim * 4 * num_arrays
     free = psutil.virtual_memory().available if available is None else available
     if need > _RAM_HEADROOM * free:
-        raise BankError(f"bank.tier = 'ram' needs {need / 2**30:.1f} GiB of host memory for {num_classes} x {dim} x "
-                        f"{num_arrays} float32 but {free / 2**30:.1f} GiB is available; set bank.tier = 'nvme' "
+        who = f" ({processes} processes on this host)" if processes > 1 else ""
+        raise BankError(f"bank.tier = 'ram' needs {need / 2**30:.1f} GiB of host memory{who} for {num_classes} x "
+                        f"{dim} x {num_arrays} float32 but {free / 2**30:.1f} GiB is available; set bank.tier = 'nvme' "
                         "(served block by block from disk)")
 
 
 def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, dim: int, arrays: tuple[str, ...],
-              head_kind: str, num_processes: int = 1) -> ZarrBank:
+              head_kind: str, num_processes: int = 1, processes_per_host: int = 1) -> ZarrBank:
     """Opens the bank at ``path`` if it exists (checking that it fits the run), else creates it from ``cfg``.
 
     Args:
@@ -739,7 +742,9 @@ def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, d
         arrays: the arrays the head needs.
         head_kind: the run's ``head.kind``.
         num_processes: the ranks that share the bank; with the ram tier each holds about N / num_processes ids
-            (``ZarrBank.hold_rows``), which is what the host-memory check counts per process.
+            (``ZarrBank.hold_rows``).
+        processes_per_host: the ranks on this machine; the ram tier's host-memory check counts all of their shares
+            (every rank checks before any of them allocates, so each must count the others on its host).
 
     Returns:
         The open bank.
@@ -749,7 +754,9 @@ def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, d
             the field, both values and the fix), or the bank cannot be created or opened.
     """
     if cfg.tier == "ram":
-        check_ram_fits(num_classes=math.ceil(num_classes / num_processes), dim=dim, num_arrays=len(arrays))
+        on_host = min(max(processes_per_host, 1), num_processes)
+        check_ram_fits(num_classes=math.ceil(num_classes / num_processes) * on_host, dim=dim, num_arrays=len(arrays),
+                       processes=on_host)
     if not (Path(path) / "zarr.json").exists():
         return ZarrBank.create(path, num_classes=num_classes, dim=dim, arrays=arrays, head_kind=head_kind,
                                chunk_rows=cfg.chunk_rows, seed=cfg.seed, init_std=cfg.init_std, tier=cfg.tier,

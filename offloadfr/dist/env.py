@@ -24,12 +24,15 @@ class DistEnv:
         world_size: number of training processes.
         local_rank: rank on this machine (selects the GPU).
         device: the device this process computes on.
+        local_world_size: processes of this run on this machine (``LOCAL_WORLD_SIZE``, set by torchrun and
+            accelerate; the world size when unset, as for a single-machine launch). They share its host memory.
     """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +41,8 @@ class DistEnv:
 
     @classmethod
     def from_env(cls, device: str = "auto") -> DistEnv:
-        """Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (set by accelerate, torchrun or deepspeed launchers).
+        """Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (set by accelerate, torchrun or
+        deepspeed launchers).
 
         Args:
             device: ``auto`` (a GPU when present, else the CPU), ``cpu`` or ``cuda``.
@@ -49,8 +53,10 @@ class DistEnv:
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
         if use_cuda and not torch.cuda.is_available():
             raise ConfigError("run.device = 'cuda' but no CUDA GPU is visible; use run.device = 'auto' or 'cpu'")
         dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                   local_world_size=local_world_size)

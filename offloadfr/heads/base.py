@@ -57,6 +57,8 @@ class HeadDeps:
         bank_path: the resolved Zarr directory of the bank.
         rank: this process's rank; the head owns a contiguous range of ids (``dist.ClassPartition``).
         world_size: W, the number of training processes; 1 is the plain path (no collective).
+        processes_per_host: the training processes on this machine, which share its host memory (the ram tier's
+            memory check counts all of their shares).
         backbone: the trained backbone (the query encoder), for heads with an EMA twin (``attfc`` copies it as its
             key encoder, ``dcp`` as its gallery net, and both read its parameters after each step); None when the
             head needs none.
@@ -72,6 +74,7 @@ class HeadDeps:
     bank_path: Path
     rank: int = 0
     world_size: int = 1
+    processes_per_host: int = 1
     backbone: nn.Module | None = None
     precision: torch.dtype = torch.float32
 

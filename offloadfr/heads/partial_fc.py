@@ -107,7 +107,8 @@ class PartialFCHead(Head):
         for turn in range(deps.world_size):
             if turn == deps.rank:
                 self.bank = open_bank(deps.bank, path=str(deps.bank_path), num_classes=deps.num_classes, dim=deps.dim,
-                                      arrays=_ARRAYS, head_kind="partial_fc", num_processes=deps.world_size)
+                                      arrays=_ARRAYS, head_kind="partial_fc", num_processes=deps.world_size,
+                                      processes_per_host=deps.processes_per_host)
             barrier()
         self.partition = ClassPartition(deps.num_classes, deps.world_size, deps.rank, align=self.bank.chunk_rows)
         if deps.bank.tier == "ram":  # this rank's rows only, not the whole bank

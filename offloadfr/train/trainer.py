@@ -256,6 +256,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     head = build_head(cfg.head, HeadDeps(margin=margin, num_classes=num_classes, dim=cfg.model.embedding_size,
                                          device=env.device, bank=cfg.bank, cache=cfg.cache, bank_path=bank_path,
                                          rank=env.rank, world_size=env.world_size, backbone=engine.model,
+                                         processes_per_host=env.local_world_size,
                                          precision=resolve_precision(cfg.train.precision, env.device)))
     try:  # the head owns a prefetcher thread and open files: close it on every way out
         block_rows = min(num_classes, cfg.bank.chunk_rows) or auto_chunk_rows(num_classes, cfg.model.embedding_size)
