@@ -33,13 +33,14 @@ from offloadfr.train.engine import PlainEngine
 
 NUM_CLASSES, DIM, IMAGE, ROWS = 37, 16, 16, 8
 LABELS = [0, 19, 20, 36, 5, 5, 23, 31]  # both ranks' ranges, their boundary, a repeated id
-KINDS = ("fc", "partial_fc", "fc+zero0")  # head kind, "+" the DeepSpeed config of the engine (plain otherwise)
+# head kind, "+" the DeepSpeed config of the engine (plain otherwise), "/" the loss (arcface otherwise)
+KINDS = ("fc", "partial_fc", "fc+zero0", "fc/adasin", "partial_fc/adasin")
 
 
 def _center_grads(head: torch.nn.Module, kind: str) -> torch.Tensor:
     """The gradient of all N class centers (zeros for rows without one), summed over ranks."""
     full_ND = torch.zeros(NUM_CLASSES, DIM)
-    if kind.startswith("fc"):
+    if kind == "fc":
         start = head.partition.class_start
         full_ND[start:start + head.partition.num_local] = head.weight.grad
     else:
@@ -60,7 +61,8 @@ def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
     results: dict[str, dict[str, torch.Tensor]] = {}
     for kind in KINDS:
-        head_kind, _, ds_json = kind.partition("+")
+        spec, _, loss_kind = kind.partition("/")
+        head_kind, _, ds_json = spec.partition("+")
         torch.manual_seed(0)
         model = build_backbone("tiny", embedding_size=DIM, image_size=IMAGE).eval()
         train_cfg = TrainCfg(optimizer="sgd", precision="fp32", batch_size=per_rank)
@@ -72,7 +74,8 @@ def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             model = engine.model
         else:
             engine = PlainEngine(model, train_cfg, torch.device("cpu"))
-        deps = HeadDeps(margin=build_margin(LossCfg()), num_classes=NUM_CLASSES, dim=DIM, device=env.device,
+        margin = build_margin(LossCfg(kind=loss_kind or "arcface", s=16.0))  # s = 16: AdaSin's hard negatives count
+        deps = HeadDeps(margin=margin, num_classes=NUM_CLASSES, dim=DIM, device=env.device,
                         bank=BankCfg(chunk_rows=4), cache=CacheCfg(), rank=env.rank, world_size=env.world_size,
                         bank_path=out_dir / f"bank_{head_kind}_w{env.world_size}")
         head = build_head(HeadCfg(kind=head_kind), deps)
@@ -82,7 +85,8 @@ def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             engine.backward(loss)
             grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
             assert len(grads) > 4, "the backbone received no gradient"
-            results[kind] = {"loss": loss.detach(), "centers": _center_grads(head, head_kind), **grads}
+            results[kind] = {"loss": loss.detach(), "centers": _center_grads(head, head_kind), **grads,
+                             **{f"margin.{name}": value.clone() for name, value in margin.state_dict().items()}}
             if kind == "fc":  # a state_dict holds all N rows on any number of processes
                 results[kind]["state_rows"] = head.state_dict()["weight"].clone()
                 results[kind]["gathered_labels"] = all_gather_labels(labels_N[rows])

@@ -58,6 +58,25 @@ def test_skip_policy_skips_the_bad_step_and_finishes(tmp_path: Path, nan_on_call
     assert rows[-1]["train/skipped_steps"] == 1
 
 
+def test_skipped_step_puts_the_margin_statistic_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a skipped step that still moves AdaSin's running mean t: its forward updates t before the guard sees
+    the non-finite gradient, so the trainer must restore it (the loss here is finite; the gradient is not)."""
+    original = FCHead.forward
+    t_at_call: list[float] = []
+
+    def forward(self: FCHead, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        t_at_call.append(float(self.margin.t))
+        loss = original(self, emb, labels)
+        if len(t_at_call) == 3:  # a finite loss whose gradient is infinite
+            emb.register_hook(lambda g: g * float("inf"))
+        return loss
+
+    monkeypatch.setattr(FCHead, "forward", forward)
+    train(_cfg(tmp_path, "train.nonfinite=skip", "loss.kind=adasin", "train.max_steps=5"))
+    assert t_at_call[1] != t_at_call[2], "t did not move on a normal step (the test would prove nothing)"
+    assert t_at_call[3] == t_at_call[2], "t moved on the skipped step"
+
+
 def test_skip_policy_stops_after_too_many_in_a_row(tmp_path: Path, nan_on_calls) -> None:  # type: ignore[no-untyped-def]
     """Catches a run that skips forever when every step is bad."""
     nan_on_calls(set(range(2, 100)))

@@ -40,6 +40,7 @@ __all__ = [
     "all_gather_labels",
     "all_gather_rows",
     "gather_batch_sizes",
+    "all_reduce_sum_",
 ]
 
 # torch 2.13 deprecates the *_tensor names (FutureWarning) in favour of *_single; older torch has only the former.
@@ -212,6 +213,14 @@ def all_gather_labels(
     if process_group_size(group) == 1:
         return labels_B
     return _gather(labels_B, sizes, group)
+
+
+def all_reduce_sum_(x: torch.Tensor, group: Group | None = None) -> torch.Tensor:
+    """Sums ``x`` over the ranks, in place and without gradient (e.g. a margin's per-rank statistics of the positives
+    each rank holds); returns ``x``. On the plain path ``x`` is returned unchanged, with no collective."""
+    if process_group_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
 
 
 def all_gather_rows(x_B_: torch.Tensor, sizes: Sequence[int] | None = None, group: Group | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from offloadfr.dist import (
     all_gather_labels,
     all_gather_rows,
     all_gather_with_grad,
+    all_reduce_sum_,
     process_group_size,
     sharded_softmax_cross_entropy,
 )
@@ -151,6 +152,8 @@ def build_head(cfg: HeadCfg, deps: HeadDeps) -> Head:
 
         raise ConfigError(f"head.kind = {cfg.kind!r} does not run on {deps.world_size} processes (WORLD_SIZE); use one "
                           f"of {', '.join(MULTI_PROCESS_HEADS)}, or launch 1 process (docs/distributed.md)")
+    if deps.world_size > 1:  # each rank sees the positives of its own classes: running statistics span all ranks
+        deps.margin.sum_over_processes = all_reduce_sum_
     head = HEADS.get(cfg.kind)(cfg, deps)
     assert isinstance(head, Head)
     return head

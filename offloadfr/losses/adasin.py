@@ -34,8 +34,12 @@ equals ``arcface`` with m = ``adasin_m``; with h = 0 it is CurricularFace (Φ = 
 
 State: ``t`` is a registered buffer, so it is in the state dict of the margin and of the head that holds it, and
 a checkpoint carries it through a resume. Outside training mode (``.eval()``) t is not updated. A batch whose
-positive cosines are not finite (a step the trainer's guard skips) leaves t unchanged. In a multi-process run each
-process would keep its own t (the trainer is single-process today).
+positive cosines are not finite leaves t unchanged, and a step the trainer's guard skips for any other reason (a
+non-finite backbone gradient) has its t put back by the trainer. On W processes each rank holds the
+positives of its own classes only; the sum and count of the positive cosines are summed over the ranks
+together with each row's positive cosine, which the negatives on the other ranks need for T and Φ
+(``Margin.sum_over_processes``, one collective of 2·B values per forward), so t and the loss are the 1-process ones
+(tests/test_dist_train.py).
 """
 
 from __future__ import annotations
@@ -117,6 +121,20 @@ class AdaSin(Margin):
         new = self.alpha * mean + (1.0 - self.alpha) * self.t
         self.t.copy_(torch.where(ok, new, self.t))
 
+    @torch.no_grad()
+    def _rows_positive(self, cos_B: torch.Tensor, has_pos_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's positive cosine and whether it has one, whichever process holds the positive's column.
+
+        On one process these are this call's own. On W processes (``sum_over_processes``) a rank holds the columns of
+        its classes only, but the negatives it holds need their row's positive (the threshold T and Φ), and t needs
+        every positive: one collective sums the rows over the ranks (each positive is held by exactly one rank).
+        """
+        if self.sum_over_processes is None:
+            return cos_B.detach(), has_pos_B
+        rows_2B = torch.stack([torch.where(has_pos_B, cos_B, torch.zeros_like(cos_B)), has_pos_B.to(cos_B.dtype)])
+        rows_2B = self.sum_over_processes(rows_2B)
+        return rows_2B[0], rows_2B[1] > 0
+
     def forward(self, cos_BC: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
         """Penalises each row's positive, modulates its hard negatives, scales by ``s``; updates t when training.
 
@@ -131,19 +149,23 @@ class AdaSin(Margin):
             ValueError: ``cos_BC`` is not 2-D, or ``target_B`` is not one entry per row of ``cos_BC``.
         """
         cos_BC, has_pos_B, col_B1, cos_B = self._positives(cos_BC, target_B)
+        row_cos_B, row_has_pos_B = self._rows_positive(cos_B, has_pos_B)  # all processes' positives
         if self.training:
-            self._update_t(cos_B.detach(), has_pos_B)
+            self._update_t(row_cos_B, row_has_pos_B)
         t_B = self.target_cos(cos_B)
         logits_BC = cos_BC
         if self.negatives != "none":
             with torch.no_grad():
-                mod_B = (self.t.to(cos_BC.dtype) + self.h * half_angle_sin(cos_B)).unsqueeze(1)  # Φ per row
-                hard_BC = has_pos_B.unsqueeze(1).expand_as(cos_BC).clone()
+                mod_B = (self.t.to(cos_BC.dtype) + self.h * half_angle_sin(row_cos_B)).unsqueeze(1)  # Φ per row
+                hard_BC = row_has_pos_B.unsqueeze(1).expand_as(cos_BC).clone()
                 if self.negatives == "hard":
-                    hard_BC &= cos_BC > t_B.unsqueeze(1)
-                hard_BC.scatter_(1, col_B1, False)  # the positive column is never a negative
+                    row_t_B = t_B if self.sum_over_processes is None else self.target_cos(row_cos_B)
+                    hard_BC &= cos_BC > row_t_B.unsqueeze(1)
+                # the positive column is never a negative; a row whose positive another process holds has col_B1 = 0,
+                # a negative like the others
+                hard_BC.scatter_(1, col_B1, hard_BC.gather(1, col_B1) & ~has_pos_B.unsqueeze(1))
             logits_BC = torch.where(hard_BC, cos_BC * (mod_B + cos_BC), cos_BC)
-        phi_B = torch.where(has_pos_B, t_B, cos_B)
+        phi_B = torch.where(has_pos_B, t_B, logits_BC.gather(1, col_B1).squeeze(1))
         return (logits_BC * self.s).scatter(1, col_B1, (phi_B * self.s).unsqueeze(1))
 
     def extra_repr(self) -> str:

@@ -43,6 +43,7 @@ cos = ±1, where arccos would need a clamp to [−1 + eps, 1 − eps] that shift
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,11 @@ class Margin(nn.Module):
         logits_BC = margin(cos_BC, target_B)             # float32, (B, C)
         loss = margin_cross_entropy(logits_BC, target_B)
     """
+
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """How a margin with running statistics (AdaSin's t) sums its per-batch statistics over the processes when each
+    holds the positives of only some rows (a partitioned head on W processes: ``build_head`` sets it to
+    ``dist.all_reduce_sum_``); None on one process. Margins without running statistics ignore it."""
 
     def __init__(self, s: float) -> None:
         super().__init__()

@@ -182,6 +182,7 @@ def train_step(engine: Engine, head: Head, images_u8: torch.Tensor, labels_B: to
     labels_dev = labels_B.to(device, non_blocking=True)
     if dual is not None:  # instance rows + identity groups: the head keeps its gallery images (dcp)
         x, labels_dev = head.take_dual_batch(x, labels_dev, instance_rows=dual[0], images_per_identity=dual[1])
+    margin_state = _margin_state(head)
     emb_BD = engine.forward(x)
     loss = head(emb_BD, labels_dev)
     engine.backward(loss)
@@ -193,7 +194,18 @@ def train_step(engine: Engine, head: Head, images_u8: torch.Tensor, labels_B: to
         return loss_value, grad_norm, True
     engine.zero_grad()  # the guard: nothing is updated from this step, and nothing reaches the bank
     head.skip()
+    if margin_state:  # nor the margin's running statistics (AdaSin's t)
+        head.margin.load_state_dict(margin_state)
     return loss_value, grad_norm, False
+
+
+def _margin_state(head: Head) -> dict[str, torch.Tensor]:
+    """A copy of the head's margin's running statistics (AdaSin's t, one float; empty for the other margins), so
+    that the guard can put them back when it skips the step whose forward moved them."""
+    margin = getattr(head, "margin", None)
+    if margin is None:
+        return {}
+    return {name: value.clone() for name, value in margin.state_dict().items()}
 
 
 def _check_labels(labels_B: torch.Tensor, num_classes: int) -> None:
