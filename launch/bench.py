@@ -146,6 +146,8 @@ def _head_one(spec: dict[str, Any]) -> dict[str, Any]:
 def _cmd_head(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.bank_dir:  # each row makes its bank in a fresh directory under it
+        Path(args.bank_dir).mkdir(parents=True, exist_ok=True)
     env = _versions()
     configs = [(n, head) for n in args.num_classes for head in args.heads]
     bar = tqdm(configs, desc="bench head", unit="config", disable=not sys.stderr.isatty())  # rows go to stdout

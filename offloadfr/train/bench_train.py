@@ -453,6 +453,8 @@ def main(argv: list[str]) -> int:
                    help="config overrides, as offloadfr train --set (e.g. bank.chunk_rows=1024)")
     p.add_argument("--out", help="append the JSON rows to this file")
     args = p.parse_args(argv)
+    if args.bank_dir:  # each row makes its bank in a fresh directory under it
+        Path(args.bank_dir).mkdir(parents=True, exist_ok=True)
     env = _versions()
     failed = 0
     for engine in args.engines:
