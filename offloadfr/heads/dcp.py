@@ -33,7 +33,14 @@ K images, of which the first ``K//2`` of each group form u and the rest v (K = 2
 The pool's changes of the kept pass are undone by ``skip()`` (a step refused by the non-finite guard), so a skipped
 step leaves the pool as it was; ``update`` makes them final. The pool starts as random unit vectors (the code: U[0,1)
 normalised) that act as negatives until overwritten; the rows are cloned before each matmul, so the in-place
-rollback never touches a tensor autograd saved (§3.6.2). Single process only (the code all-gathers the gallery).
+rollback never touches a tensor autograd saved (§3.6.2).
+
+W processes (the code's ``all_gather`` of §3.4): every rank keeps the whole pool, the same on every rank. Each pass
+all-gathers the gallery features and labels of all ranks (no gradient; rank order, so every rank writes the same rows
+in the same order), and each rank's probes take their loss against that pool; the engine averages the backbone
+gradient over the ranks (data parallel). The pool starts from the same seed, the gallery net follows the same
+backbone, so the pools stay identical (tested), and a checkpoint (rank 0's) resumes on any process count. Not in
+bank mode (``head.bank_negatives > 0`` is refused on W > 1).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from offloadfr.config import HeadCfg
+from offloadfr.dist import all_gather_labels, all_gather_rows
+from offloadfr.errors import ConfigError
 from offloadfr.heads.base import HeadDeps, register_head
 from offloadfr.heads.center_bank import CenterBank
 from offloadfr.heads.twin import TwinHead, ema_
@@ -255,8 +264,12 @@ class DCPHead(TwinHead):
     """
 
     def __init__(self, cfg: HeadCfg, deps: HeadDeps) -> None:
+        if deps.world_size > 1 and cfg.bank_negatives:
+            raise ConfigError(f"head.kind = 'dcp' with head.bank_negatives = {cfg.bank_negatives} on {deps.world_size} "
+                              "processes: bank mode runs on one process; set head.bank_negatives = 0 or launch 1")
         super().__init__(deps, kind="dcp", bank_negatives=cfg.bank_negatives)
         self.cfg = cfg
+        self.world_size = deps.world_size
         self.gallery_net = self.make_twin()  # the probe net is the trained backbone (self.trained_net)
         self.pool = DynamicClassPool(max(1, int(cfg.pool_fraction * deps.num_classes)), deps.dim, device=deps.device,
                                      seed=deps.bank.seed)
@@ -300,19 +313,28 @@ class DCPHead(TwinHead):
         if self.cfg.dcp_form == "single":
             if e_BD.shape[0] != labels_B.shape[0]:
                 raise ValueError(f"dcp: {e_BD.shape[0]} probe embeddings for {labels_B.shape[0]} labels")
-            loss, kept = self._pass(e_BD, labels_B, g_nD, labels_g, bank)
+            loss, kept = self._pass(e_BD, labels_B, *self._all_ranks(g_nD, labels_g), bank)
             self._centers = (labels_g, g_nD)
         else:
             if e_BD.shape[0] != g_nD.shape[0]:
                 raise ValueError(f"dcp: {e_BD.shape[0]} probe embeddings for {g_nD.shape[0]} gallery rows")
-            loss_a, temporary = self._pass(e_BD[:num_x], labels_B[:num_x], g_nD[num_x:], labels_g[num_x:], bank)
+            gallery_y = self._all_ranks(g_nD[num_x:], labels_g[num_x:])
+            gallery_x = self._all_ranks(g_nD[:num_x], labels_g[:num_x])
+            loss_a, temporary = self._pass(e_BD[:num_x], labels_B[:num_x], *gallery_y, bank)
             self.pool.undo(temporary)  # pass A leaves no trace
-            loss_b, kept = self._pass(e_BD[num_x:], labels_B[num_x:], g_nD[:num_x], labels_g[:num_x], bank)
+            loss_b, kept = self._pass(e_BD[num_x:], labels_B[num_x:], *gallery_x, bank)
             loss = loss_a + loss_b
             self._centers = (labels_g[:num_x], g_nD[:num_x])
         self._pending = kept
         self._last["dcp/pool_used"] = torch.tensor(float(len(self.pool)))
         return loss
+
+    def _all_ranks(self, g_nD: torch.Tensor, labels_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gallery features and labels of every rank in rank order (no gradient); this rank's own on one process.
+        Ranks have equal batches (the loader's drop_last), so their gallery halves have equal sizes."""
+        if self.world_size == 1:
+            return g_nD, labels_n
+        return all_gather_rows(g_nD.contiguous()), all_gather_labels(labels_n.contiguous())
 
     def _pass(self, e_BD: torch.Tensor, labels_B: torch.Tensor, g_nD: torch.Tensor, labels_n: torch.Tensor,
               bank: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, PoolWrite]:
