@@ -298,34 +298,3 @@ def test_dcp_needs_the_dual_sampler_with_pairs(tmp_path: Path, sampler: str, k: 
                     [*_base(tmp_path), f"data.sampler={sampler}", f"data.images_per_identity={k}"])
     assert "data.sampler = 'dual'" in str(err.value)
 
-
-@pytest.mark.slow
-def test_two_ranks_keep_one_pool_written_from_both(tmp_path: Path) -> None:
-    """2 real gloo processes, each with dual batches from its own half of the ids: catches a pool that is written with
-    this rank's gallery only (the code all-gathers it: the ranks' pools would differ, and hold one half's ids each),
-    and gallery nets that drift apart. Both ranks must end with the same pool bit for bit, holding ids of both
-    halves."""
-    import sys
-
-    from ._ranks import run_ranks
-
-    run_ranks([sys.executable, "-m", "tests._dist_dcp_worker", str(tmp_path)], 2, timeout_s=240,
-              what="dcp 2-process workers")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
-    for key in ("rows", "id_of", "stamp", "next_row"):
-        assert torch.equal(r0[key], r1[key]), f"the ranks' pools differ in {key}"
-    assert r0["clock"] == r1["clock"]
-    ids = r0["id_of"][r0["id_of"] >= 0]
-    assert (ids < 12).any() and (ids >= 12).any(), f"the pool holds one rank's ids only: {ids.tolist()}"
-    for a, b in zip(r0["gallery"] + r0["backbone"], r1["gallery"] + r1["backbone"], strict=True):
-        assert torch.equal(a, b)
-    assert all(math.isfinite(x) for x in r0["losses"] + r1["losses"])
-
-
-def test_bank_mode_on_several_processes_is_refused() -> None:
-    """Catches bank mode silently run on W processes (each rank would write the shared bank's rows on its own)."""
-    margin = build_margin(LossCfg(kind="cosface")).to(DEVICE)
-    deps = HeadDeps(margin=margin, num_classes=40, dim=D, device=DEVICE, bank=BankCfg(), cache=CacheCfg(),
-                    bank_path=Path("unused"), backbone=_backbone(), rank=0, world_size=2)
-    with pytest.raises(ConfigError, match="bank_negatives = 3 on 2 processes"):
-        build_head(HeadCfg(kind="dcp", bank_negatives=3), deps)

@@ -26,7 +26,11 @@ overwritten). Q = max(1, int(``head.queue_fraction`` × N)); the code also round
 wrap-around enqueue makes unnecessary. Gradients reach only the backbone, through the query embeddings.
 
 ``skip()`` (a step refused by the non-finite guard) neither moves the key encoder nor enqueues; the key encoder's
-BatchNorm running statistics of that step's forward stay, as they are not read in train mode. Single process only.
+BatchNorm running statistics of that step's forward stay, as they are not read in train mode.
+
+W processes (MoCo's queue): each rank's queries take their loss against their own batch's GCCs and the queue, and
+every rank enqueues the GCCs and labels of all ranks, all-gathered in rank order in ``forward``, so the queues stay
+identical; the engine averages the backbone gradient. The authors' code runs one process. Not in bank mode.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ class AttFCHead(TwinHead):
             cos_BC, mask_BC = self.center_bank.extend(e_BD, labels_B, cos_BC, mask_BC)
         target_B = torch.arange(b, device=emb_BD.device)
         logits_BC = self.margin(cos_BC, target_B).masked_fill(mask_BC, float("-inf"))
-        self._pending = (gcc_BD.detach(), labels_B.detach())
+        self._pending = self.from_all_ranks(gcc_BD.detach(), labels_B.detach())  # what update enqueues
         self._last = {"attfc/masked_queue": mask_BC[:, b:].sum() / b,  # tensors: read (synced) only when logged
                       "attfc/queue_filled": (self.queue_labels_Q >= 0).sum(),
                       "attfc/attention_max": attn_Bk.max(dim=1).values.mean(),

@@ -40,7 +40,7 @@ from offloadfr.registry import Registry
 __all__ = ["Head", "HeadDeps", "HEADS", "register_head", "build_head", "sgd_rows_", "gather_global_batch",
            "partitioned_loss", "gather_partitioned_rows", "MULTI_PROCESS_HEADS"]
 
-MULTI_PROCESS_HEADS = ("fc", "partial_fc", "dcp")
+MULTI_PROCESS_HEADS = ("fc", "partial_fc", "dcp", "attfc")
 """Heads that partition their class ids over ranks (docs/distributed.md says why the others do not)."""
 
 

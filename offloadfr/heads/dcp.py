@@ -54,8 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from offloadfr.config import HeadCfg
-from offloadfr.dist import all_gather_labels, all_gather_rows
-from offloadfr.errors import ConfigError
 from offloadfr.heads.base import HeadDeps, register_head
 from offloadfr.heads.center_bank import CenterBank
 from offloadfr.heads.twin import TwinHead, ema_
@@ -264,12 +262,8 @@ class DCPHead(TwinHead):
     """
 
     def __init__(self, cfg: HeadCfg, deps: HeadDeps) -> None:
-        if deps.world_size > 1 and cfg.bank_negatives:
-            raise ConfigError(f"head.kind = 'dcp' with head.bank_negatives = {cfg.bank_negatives} on {deps.world_size} "
-                              "processes: bank mode runs on one process; set head.bank_negatives = 0 or launch 1")
         super().__init__(deps, kind="dcp", bank_negatives=cfg.bank_negatives)
         self.cfg = cfg
-        self.world_size = deps.world_size
         self.gallery_net = self.make_twin()  # the probe net is the trained backbone (self.trained_net)
         self.pool = DynamicClassPool(max(1, int(cfg.pool_fraction * deps.num_classes)), deps.dim, device=deps.device,
                                      seed=deps.bank.seed)
@@ -313,13 +307,13 @@ class DCPHead(TwinHead):
         if self.cfg.dcp_form == "single":
             if e_BD.shape[0] != labels_B.shape[0]:
                 raise ValueError(f"dcp: {e_BD.shape[0]} probe embeddings for {labels_B.shape[0]} labels")
-            loss, kept = self._pass(e_BD, labels_B, *self._all_ranks(g_nD, labels_g), bank)
+            loss, kept = self._pass(e_BD, labels_B, *self.from_all_ranks(g_nD, labels_g), bank)
             self._centers = (labels_g, g_nD)
         else:
             if e_BD.shape[0] != g_nD.shape[0]:
                 raise ValueError(f"dcp: {e_BD.shape[0]} probe embeddings for {g_nD.shape[0]} gallery rows")
-            gallery_y = self._all_ranks(g_nD[num_x:], labels_g[num_x:])
-            gallery_x = self._all_ranks(g_nD[:num_x], labels_g[:num_x])
+            gallery_y = self.from_all_ranks(g_nD[num_x:], labels_g[num_x:])
+            gallery_x = self.from_all_ranks(g_nD[:num_x], labels_g[:num_x])
             loss_a, temporary = self._pass(e_BD[:num_x], labels_B[:num_x], *gallery_y, bank)
             self.pool.undo(temporary)  # pass A leaves no trace
             loss_b, kept = self._pass(e_BD[num_x:], labels_B[num_x:], *gallery_x, bank)
@@ -328,13 +322,6 @@ class DCPHead(TwinHead):
         self._pending = kept
         self._last["dcp/pool_used"] = torch.tensor(float(len(self.pool)))
         return loss
-
-    def _all_ranks(self, g_nD: torch.Tensor, labels_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gallery features and labels of every rank in rank order (no gradient); this rank's own on one process.
-        Ranks have equal batches (the loader's drop_last), so their gallery halves have equal sizes."""
-        if self.world_size == 1:
-            return g_nD, labels_n
-        return all_gather_rows(g_nD.contiguous()), all_gather_labels(labels_n.contiguous())
 
     def _pass(self, e_BD: torch.Tensor, labels_B: torch.Tensor, g_nD: torch.Tensor, labels_n: torch.Tensor,
               bank: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, PoolWrite]:

@@ -3,7 +3,9 @@
 Both make their class centers with a **twin** of the trained backbone: a deep copy that never receives a gradient and
 follows the backbone's parameters by an EMA after each optimizer step (AttFC's key encoder, F2C's gallery net). Both
 have the same bank mode (``head.bank_negatives > 0``, :class:`~offloadfr.heads.center_bank.CenterBank`), which takes
-part in the two-phase checkpoint and adds its traffic to the head's metrics.
+part in the two-phase checkpoint and adds its traffic to the head's metrics. On W processes both are data parallel:
+every rank keeps the same whole pool or queue, written with the generated centers of every rank in rank order
+(:meth:`TwinHead.from_all_ranks`), as MoCo's queue and F2C's code do; bank mode runs on one process.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from offloadfr.dist import all_gather_labels, all_gather_rows
+from offloadfr.errors import ConfigError
 from offloadfr.heads.base import Head, HeadDeps
 from offloadfr.heads.center_bank import CenterBank
 
@@ -46,6 +50,10 @@ class TwinHead(Head):
         super().__init__()
         if deps.backbone is None:
             raise ValueError(f"{kind} needs HeadDeps.backbone, the trained backbone its twin network copies")
+        if deps.world_size > 1 and bank_negatives:
+            raise ConfigError(f"head.kind = {kind!r} with head.bank_negatives = {bank_negatives} on {deps.world_size} "
+                              "processes: bank mode runs on one process; set head.bank_negatives = 0 or launch 1")
+        self.world_size = deps.world_size
         self.margin = deps.margin
         self.precision = deps.precision
         self.__dict__["trained_net"] = deps.backbone  # a reference, not a submodule: not in this head's state
@@ -65,6 +73,14 @@ class TwinHead(Head):
         if self.precision == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.precision)
+
+    def from_all_ranks(self, centers_nD: torch.Tensor, labels_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated centers and their labels of every rank, in rank order (no gradient); on one process this rank's
+        own. Every rank calls it at the same point of each step. Ranks have equal batches (the loader's drop_last),
+        so their parts have equal sizes."""
+        if self.world_size == 1:
+            return centers_nD, labels_n
+        return all_gather_rows(centers_nD.detach().contiguous()), all_gather_labels(labels_n.contiguous())
 
     def with_bank_metrics(self, last: dict[str, torch.Tensor]) -> dict[str, float]:
         """The head's own per-step values as floats, plus the bank's traffic in bank mode."""
