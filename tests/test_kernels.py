@@ -393,3 +393,27 @@ def test_compiled_kernel_at_a_real_width(precision: str) -> None:
     rtol = 1e-4 if precision == "fp32" else 2e-2
     _assert_close(_loss_and_grads(emb_BD, w_KD, target_B, cfg, "triton", precision),
                   _loss_and_grads(emb_BD, w_KD, target_B, cfg, "torch", precision), rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_compiled_row_sgd_at_a_real_width() -> None:
+    """The compiled row SGD at K = 262,144, D = 512 (the issue's size) on 100,003 sorted slots and unindexed, against
+    the plain update; untouched rows keep every bit."""
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    w_KD = torch.randn(262_144, 512, device=device, generator=g)
+    m_KD = torch.randn(262_144, 512, device=device, generator=g)
+    slots_A = torch.sort(torch.randperm(262_144, device=device, generator=g)[:100_003]).values
+    for slots, rows in ((slots_A, 100_003), (None, 262_144)):
+        grad_AD = torch.randn(rows, 512, device=device, generator=g)
+        step = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+        want = (w_KD.clone(), m_KD.clone())
+        update_rows_(*want, grad_AD, slots, **step)
+        got = (w_KD.clone(), m_KD.clone())
+        update_rows_(*got, grad_AD, slots, **step, kernel="triton")
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+        if slots is not None:
+            untouched = torch.ones(262_144, dtype=torch.bool, device=device)
+            untouched[slots] = False
+            assert torch.equal(got[0][untouched], w_KD[untouched]) and torch.equal(got[1][untouched], m_KD[untouched])
