@@ -14,9 +14,10 @@ doing the same decoding and flips with the same workers, alternating rounds in o
 
     python launch/bench.py kernel --num-slots 65536 262144 1048576 --batch-size 256 --dim 512
 
-``kernel``: one resident head step over K slots (logits, margin, cross-entropy, backward, row update) with the plain
-and the fused (Triton) margin cross-entropy, each with fp32, TF32 and bf16 logit GEMMs, side by side
-(offloadfr/heads/bench.py, docs/kernels.md). On the CPU the Triton variants are skipped unless TRITON_INTERPRET=1.
+``kernel``: one resident head step over K slots (logits, margin, cross-entropy, backward, row update) in plain PyTorch
+and fused (Triton row normalisation, margin cross-entropy and row update), each with fp32, TF32 and bf16 logit GEMMs,
+side by side (offloadfr/heads/bench.py, docs/kernels.md). On the CPU the Triton variants are skipped unless
+TRITON_INTERPRET=1. ``python launch/bench.py table kernel.jsonl`` prints the rows as a markdown table.
 
     python launch/bench.py quality --epochs 2
 
@@ -203,11 +204,15 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
-    """Prints a markdown table of head rows from a JSONL file."""
+    """Prints a markdown table of head rows (or of ``kernel`` rows) from a JSONL file."""
     rows = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
     cols = ["head", "num_classes", "labels", "logit_columns", "status", "step_ms_p50", "step_ms_p90", "peak_device_GiB",
             "peak_host_rss_GiB", "bank/rows_read_per_step", "bank/bytes_read_per_step", "bank/bytes_written_per_step",
             "prefetch_stall_pct"]
+    if rows and rows[0].get("bench") == "kernel":  # bench.py kernel rows: the variants and their phases
+        cols = ["num_slots", "variant", "fused", "status", "step_ms_p50", "step_ms_p90", "logits_ms_p50",
+                "loss_ms_p50", "backward_ms_p50", "update_ms_p50", "peak_device_GiB", "loss_rel_diff",
+                "grad_emb_rel_diff", "update_rel_diff"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default="instance", help="data.sampler of our pipeline")
     p.add_argument("--out", help="append the JSON row to this file")
     p.set_defaults(func=_cmd_data)
-    p = sub.add_parser("kernel", help="head step: plain vs fused margin cross-entropy, fp32/TF32/bf16 GEMMs")
+    p = sub.add_parser("kernel", help="head step: plain vs fused (normalise, margin CE, row SGD), fp32/TF32/bf16 GEMMs")
     p.add_argument("--num-slots", type=int, nargs="+", default=[65_536, 262_144, 1_048_576])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dim", type=int, default=512)

@@ -14,6 +14,7 @@ from triton.compiler import ASTSource, compile  # noqa: E402
 
 from offloadfr.kernels.margin_ce import _backward_kernel, _forward_kernel  # noqa: E402
 from offloadfr.kernels.normalize import _normalize_backward_kernel, _normalize_forward_kernel  # noqa: E402
+from offloadfr.kernels.row_sgd import _row_sgd_kernel  # noqa: E402
 
 
 def _jobs(dt: str) -> list:
@@ -33,12 +34,31 @@ def _jobs(dt: str) -> list:
     ]
 
 
+def _row_sgd_jobs() -> list:
+    """The row SGD at D = 512 (8 rows per program): indexed by slots with weight decay (partial_fc), and unindexed
+    without (fc, or every slot active; the slots pointer is then the gradient's, unused)."""
+    signature = {"w_ptr": "*fp32", "m_ptr": "*fp32", "g_ptr": "*fp32", "num_rows": "i32", "dim": "i32",
+                 "lr": "fp32", "momentum": "fp32", "weight_decay": "fp32"}
+    return [
+        (_row_sgd_kernel, {**signature, "slots_ptr": "*i64"},
+         {"INDEXED": True, "DECAY": True, "ROWS": 8, "BLOCK_D": 512}, "indexed"),
+        (_row_sgd_kernel, {**signature, "slots_ptr": "*fp32"},
+         {"INDEXED": False, "DECAY": False, "ROWS": 8, "BLOCK_D": 512}, "unindexed"),
+    ]
+
+
+def _compile(fn, signature: dict, constexprs: dict, label: str) -> None:  # noqa: ANN001
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    signature = {name: signature[name] for name in fn.arg_names}  # in argument order
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    kernel = compile(src, target=GPUTarget("cuda", 90, 32))
+    assert kernel.asm["cubin"], fn.__name__
+    print(f"compiled {fn.__name__} {label} sm_90")
+
+
 if __name__ == "__main__":
     for dt in ("fp32", "bf16"):
         for fn, signature, constexprs in _jobs(dt):
-            signature = {**signature, **{name: "constexpr" for name in constexprs}}
-            src = ASTSource(fn=fn, signature=signature,
-                            constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-            kernel = compile(src, target=GPUTarget("cuda", 90, 32))
-            assert kernel.asm["cubin"], fn.__name__
-            print(f"compiled {fn.__name__} {dt} sm_90")
+            _compile(fn, signature, constexprs, dt)
+    for fn, signature, constexprs, label in _row_sgd_jobs():
+        _compile(fn, signature, constexprs, label)

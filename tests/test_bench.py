@@ -56,7 +56,8 @@ def test_backbone_bench_rows(tmp_path: Path) -> None:
 def test_kernel_bench_rows(tmp_path: Path) -> None:
     """``bench.py kernel`` in CI size: a row per variant and K, the plain ones timed; with the Triton interpreter on
     (conftest's TRITON_INTERPRET=1 reaches the subprocess) the fused ones too, agreeing with ``torch:fp32``. Catches a
-    variant the benchmark cannot run, or a fused step that computes another loss."""
+    variant the benchmark cannot run, a fused step that computes another loss or row update, or a table that drops the
+    kernel rows' columns."""
     out = tmp_path / "kernel.jsonl"
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/bench.py"), "kernel", "--num-slots", "100", "300", "--batch-size", "4",
@@ -75,3 +76,9 @@ def test_kernel_bench_rows(tmp_path: Path) -> None:
         assert r["status"] == "ok" and 0 < r["step_ms_p50"] <= r["step_ms_p90"], r
         assert r["loss_rel_diff"] < (1e-5 if r["gemm_precision"] == "fp32" else 1e-2), r
         assert r["step_ms_p50"] >= r["backward_ms_p50"] > 0 and r["update_ms_p50"] > 0, r
+        assert r["update_rel_diff"] < 1e-6 and r["fused"] == {"torch": "none", "triton": "normalize+margin_ce+row_sgd"}[
+            r["kernel"]], r
+    table = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "table", str(out)], capture_output=True,
+                           text=True, timeout=60)
+    assert table.returncode == 0 and table.stdout.count("\n") == 2 + len(rows), table.stderr
+    assert "| update_ms_p50 |" in table.stdout and "| 300 | triton:bf16 | normalize+margin_ce+row_sgd |" in table.stdout

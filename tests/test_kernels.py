@@ -1,4 +1,5 @@
-"""The fused margin cross-entropy (``head.kernel = "triton"``) against the plain PyTorch reference.
+"""The fused kernels (``head.kernel = "triton"``: margin cross-entropy, row normalisation, row SGD) against the plain
+PyTorch reference.
 
 On the CPU the Triton kernels run in Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` before
 triton is imported), so sizes stay tiny: B = 6 rows, K = 37 columns (not a multiple of any tile), D = 8. With
@@ -8,6 +9,7 @@ w.r.t. the embeddings and the class centers with the reference to ~1e-5 relative
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import torch
 
 from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg, config_from_dict
 from offloadfr.errors import ConfigError
-from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy
+from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy, update_rows_
 from offloadfr.losses import build_margin
 
 from .conftest import DEVICE
@@ -223,6 +225,71 @@ def test_row_normalisation_matches_f_normalize(dim: int) -> None:
     torch.testing.assert_close(half.float(), want.detach(), rtol=1e-2, atol=1e-2)
 
 
+# (K rows, A updated rows or None for all K in order, D, momentum, weight decay). With D = 8 and 13 a program holds 16
+# rows, with D = 512 8 rows (A = 19, 37, 21, 7 are no multiple of either); D = 1100 takes two column tiles of 1024,
+# the second one partial; D = 13 and 1100 also mask columns inside a tile.
+ROW_SGD_CASES = [
+    (37, 19, 8, 0.9, 1e-2),
+    (37, 37, 512, 0.9, 1e-2),
+    (40, 13, 13, 0.9, 0.0),
+    (37, 21, 512, 0.0, 1e-2),
+    (20, 7, 1100, 0.9, 1e-2),
+    (37, None, 13, 0.9, 1e-2),
+    (37, None, 512, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("num_rows, num_active, dim, momentum, weight_decay", ROW_SGD_CASES)
+def test_row_sgd_matches_the_plain_update(num_rows: int, num_active: int | None, dim: int, momentum: float,
+                                          weight_decay: float) -> None:
+    """The fused row SGD against the plain ``index_select`` + ``sgd_rows_`` + ``index_copy_`` (to 1e-6 relative), from
+    non-zero momentum buffers (so a kernel that ignores or mis-scales the old momentum fails), one of them zero (the
+    first update of a row). Catches a wrong formula (weight decay, momentum, step), a row or column tile boundary that
+    drops or repeats elements, a slot used for the gradient's row or the reverse, and a write to any row that is not
+    updated: those must keep every bit."""
+    g = torch.Generator().manual_seed(num_rows + dim)
+    w_KD = torch.randn(num_rows, dim, generator=g).to(DEVICE)
+    m_KD = torch.randn(num_rows, dim, generator=g).to(DEVICE)
+    if num_active is None:
+        slots_A, num_active = None, num_rows
+    else:
+        slots_A = torch.sort(torch.randperm(num_rows, generator=g)[:num_active]).values.to(DEVICE)
+        m_KD[slots_A[0]] = 0.0
+    grad_AD = torch.randn(num_active, dim, generator=g).to(DEVICE)
+    step = {"lr": 0.1, "momentum": momentum, "weight_decay": weight_decay}
+    want_w, want_m = w_KD.clone(), m_KD.clone()
+    update_rows_(want_w, want_m, grad_AD, slots_A, **step)
+    got_w, got_m = w_KD.clone(), m_KD.clone()
+    update_rows_(got_w, got_m, grad_AD, slots_A, **step, kernel="triton")
+    for name, got, want, before in (("w", got_w, want_w, w_KD), ("m", got_m, want_m, m_KD)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item(),
+                                   msg=lambda msg, n=name: f"{n}: {msg}")
+        untouched = torch.full((num_rows,), slots_A is not None, device=DEVICE)
+        if slots_A is not None:
+            untouched[slots_A] = False
+        assert torch.equal(got[untouched], before[untouched]), f"{name}: a row outside slots_A changed"
+        assert not torch.equal(got[~untouched], before[~untouched]), f"{name}: the rows did not move"
+
+
+def test_row_sgd_refuses_bad_slots_and_layouts() -> None:
+    """Catches a kernel that silently races on duplicate slots (two programs writing one row), runs on unsorted or
+    out-of-range slots, or updates a strided view (writing into the wrong memory)."""
+    from offloadfr.kernels.row_sgd import fused_row_sgd_
+
+    w_KD, m_KD, grad_AD = (torch.zeros(10, 4, device=DEVICE), torch.zeros(10, 4, device=DEVICE),
+                           torch.ones(3, 4, device=DEVICE))
+    step = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+    for bad in ([1, 4, 4], [4, 1, 6], [2, 5, 10], [-1, 2, 3]):
+        with pytest.raises(RuntimeError, match="strictly increasing"):
+            fused_row_sgd_(w_KD, m_KD, grad_AD, torch.tensor(bad, device=DEVICE), **step)
+    with pytest.raises(ValueError, match="contiguous"):
+        fused_row_sgd_(torch.zeros(4, 10, device=DEVICE).t(), m_KD, grad_AD, torch.tensor([0, 1, 2]), **step)
+    with pytest.raises(ValueError, match="float32"):
+        fused_row_sgd_(w_KD.double(), m_KD.double(), grad_AD.double(), torch.tensor([0, 1, 2]), **step)
+    fused_row_sgd_(w_KD, m_KD, grad_AD, torch.tensor([0, 3, 9], device=DEVICE), **step)
+    assert w_KD[[0, 3, 9]].eq(-0.1).all() and w_KD.ne(0).sum() == 12
+
+
 def _head_deps(tmp_path: Path, margin_cfg: LossCfg):  # noqa: ANN202
     from offloadfr.heads import HeadDeps
 
@@ -230,37 +297,53 @@ def _head_deps(tmp_path: Path, margin_cfg: LossCfg):  # noqa: ANN202
                     bank=BankCfg(chunk_rows=8), cache=CacheCfg(num_slots=64, lookahead=2), bank_path=tmp_path / "bank")
 
 
-@pytest.mark.parametrize("kind", ["fc", "partial_fc"])
-def test_heads_with_the_fused_kernel_follow_the_plain_heads(kind: str, tmp_path: Path) -> None:
-    """Two steps of fc / partial_fc (every id resident) with head.kernel = triton and torch: the same losses and the
-    same rows after each update. Catches a head that does not route its loss through the kernel option correctly."""
+# fc; partial_fc with every id resident (every slot active: the rows are trained in place, no gather); partial_fc with
+# sample_rate 0.5 (the active slots are a sorted subset: the fused update scatters by slot).
+HEAD_RUNS = {"fc": HeadCfg(kind="fc"), "partial_fc": HeadCfg(kind="partial_fc"),
+             "partial_fc_sampled": HeadCfg(kind="partial_fc", sample_rate=0.5)}
+
+
+@pytest.mark.parametrize("run", list(HEAD_RUNS))
+def test_heads_with_the_fused_kernel_follow_the_plain_heads(run: str, tmp_path: Path) -> None:
+    """Three steps of fc / partial_fc with head.kernel = triton (fused loss, normalisation and row update) and torch:
+    the same losses and the same rows and momentum buffers after each update (momentum 0.9, weight decay 5e-4, so the
+    later steps depend on the momentum the earlier ones wrote). Catches a head that does not route its loss or its
+    update through the kernel option correctly, or a fused update that moves other rows than the plain one."""
     from offloadfr.heads import build_head
 
     cfg = MARGINS["arcface_analytic"]
     g = torch.Generator().manual_seed(7)
     batches = [(torch.randn(B, D, generator=g).to(DEVICE), torch.randint(0, K, (B,), generator=g).to(DEVICE))
-               for _ in range(2)]
+               for _ in range(3)]
     results = {}
     for kernel in ("torch", "triton"):
-        head = build_head(HeadCfg(kind=kind, kernel=kernel), _head_deps(tmp_path / kernel, cfg))
-        start = _rows(head, kind)
-        losses = []
+        torch.manual_seed(3)  # sample_rate < 1 draws the sampled slots from the global generator
+        head = build_head(dataclasses.replace(HEAD_RUNS[run], kernel=kernel), _head_deps(tmp_path / kernel, cfg))
+        losses, moved = [], []
         for emb_BD, labels_B in batches:
             loss = head(emb_BD.clone().requires_grad_(True), labels_B)
+            if not losses:  # partial_fc admits its rows in the first forward
+                start = _rows(head)
             loss.backward()
             head.update(0.1)
             losses.append(loss.detach())
-        moved = _rows(head, kind) - start
+            moved.append(_rows(head) - start)
         head.close()
-        results[kernel] = (torch.stack(losses), moved)
+        results[kernel] = (torch.stack(losses), torch.stack(moved))
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=0)
     assert results["torch"][1].abs().max() > 0.01  # the rows did move
     torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-5,
                                atol=1e-5 * results["torch"][1].abs().max().item())
+    if run == "partial_fc_sampled":  # some rows were never sampled in 3 steps: they must not have moved at all
+        assert (results["torch"][1][-1] == 0).all(dim=1).any()
+        assert torch.equal((results["triton"][1] == 0).all(dim=2), (results["torch"][1] == 0).all(dim=2))
 
 
-def _rows(head: torch.nn.Module, kind: str) -> torch.Tensor:
-    return (head.weight if kind == "fc" else head.dcc["centers"]).detach().clone()
+def _rows(head: torch.nn.Module) -> torch.Tensor:
+    """Rows and momentum buffers side by side."""
+    if hasattr(head, "weight"):
+        return torch.cat([head.weight, head.momentum_buf], dim=1).detach().clone()
+    return torch.cat([head.dcc["centers"], head.dcc["momentum"]], dim=1).detach().clone()
 
 
 def test_kernel_option_refused_where_it_cannot_run() -> None:
@@ -287,13 +370,14 @@ def test_triton_on_cpu_outside_the_interpreter_is_a_config_error() -> None:
 
 
 def test_kernels_compile_for_an_h100() -> None:
-    """Every kernel, for fp32 and bf16 cosines, through Triton's real compiler down to an sm_90 cubin, on the CPU (no
-    GPU needed). Catches what the interpreter accepts but the compiler refuses (loop-carried types, unsupported ops)."""
+    """Every kernel, for fp32 and bf16 cosines (the row SGD indexed with weight decay, and unindexed without), through
+    Triton's real compiler down to an sm_90 cubin, on the CPU (no GPU needed). Catches what the interpreter accepts but
+    the compiler refuses (loop-carried types, unsupported ops)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO), "TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "_triton_compile_worker.py")], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled ") == 8, proc.stdout
+    assert proc.stdout.count("compiled ") == 10, proc.stdout
 
 
 @pytest.mark.gpu
@@ -309,3 +393,27 @@ def test_compiled_kernel_at_a_real_width(precision: str) -> None:
     rtol = 1e-4 if precision == "fp32" else 2e-2
     _assert_close(_loss_and_grads(emb_BD, w_KD, target_B, cfg, "triton", precision),
                   _loss_and_grads(emb_BD, w_KD, target_B, cfg, "torch", precision), rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_compiled_row_sgd_at_a_real_width() -> None:
+    """The compiled row SGD at K = 262,144, D = 512 (the issue's size) on 100,003 sorted slots and unindexed, against
+    the plain update; untouched rows keep every bit."""
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    w_KD = torch.randn(262_144, 512, device=device, generator=g)
+    m_KD = torch.randn(262_144, 512, device=device, generator=g)
+    slots_A = torch.sort(torch.randperm(262_144, device=device, generator=g)[:100_003]).values
+    for slots, rows in ((slots_A, 100_003), (None, 262_144)):
+        grad_AD = torch.randn(rows, 512, device=device, generator=g)
+        step = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+        want = (w_KD.clone(), m_KD.clone())
+        update_rows_(*want, grad_AD, slots, **step)
+        got = (w_KD.clone(), m_KD.clone())
+        update_rows_(*got, grad_AD, slots, **step, kernel="triton")
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
+        if slots is not None:
+            untouched = torch.ones(262_144, dtype=torch.bool, device=device)
+            untouched[slots] = False
+            assert torch.equal(got[0][untouched], w_KD[untouched]) and torch.equal(got[1][untouched], m_KD[untouched])

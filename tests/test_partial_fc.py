@@ -61,6 +61,34 @@ def test_matches_fc_when_every_id_is_resident(tmp_path: Path, tier: str) -> None
     pfc.close()
 
 
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_every_active_slot_trains_the_rows_in_place(tmp_path: Path, sample_rate: float) -> None:
+    """With every slot active the forward takes the DCC's rows themselves (no ``index_select`` copy) and the update
+    runs on them in place; with a sampled subset it takes a copy and scatters back. Either way the update equals
+    ``index_select`` + ``sgd_rows_`` + ``index_copy_`` of the same gradient, bit for bit. Catches the copy coming
+    back on the every-slot path, a view taken of a subset, and an in-place update that differs from the gathered
+    one."""
+    from offloadfr.kernels import sgd_rows_
+
+    head = build_head(HeadCfg(kind="partial_fc", sample_rate=sample_rate), _deps(tmp_path))
+    labels = torch.tensor([0, 3, 3, 9, 36, 20])
+    loss = head(torch.randn(B, D, device=DEVICE), labels.to(DEVICE))
+    shares = head._w_AD.data_ptr() == head.dcc["centers"].data_ptr()
+    assert shares == (sample_rate == 1.0) and head._active_slots.numel() == int(sample_rate * C)
+    loss.backward()
+    slots_A, grad_AD = head._active_slots.clone(), head._w_AD.grad.clone()
+    w_AD = head.dcc["centers"].index_select(0, slots_A)
+    m_KD = head.dcc["momentum"].clone()
+    m_KD.normal_()  # non-zero momentum, so that it takes part
+    head.dcc["momentum"].copy_(m_KD)
+    m_AD = m_KD.index_select(0, slots_A)
+    sgd_rows_(w_AD, grad_AD, m_AD, lr=0.1, momentum=head.cfg.momentum, weight_decay=head.cfg.weight_decay)
+    head.update(lr=0.1)
+    assert torch.equal(head.dcc["centers"].index_select(0, slots_A), w_AD)
+    assert torch.equal(head.dcc["momentum"].index_select(0, slots_A), m_AD)
+    head.close()
+
+
 def test_every_id_cycles_through_a_small_container(tmp_path: Path) -> None:
     """Catches negatives that never rotate (ids that are never resident are never trained) and evicted rows that
     are not written back (their updates would be lost)."""

@@ -34,6 +34,7 @@ from offloadfr.dist import (
     process_group_size,
     sharded_softmax_cross_entropy,
 )
+from offloadfr.kernels import sgd_rows_  # the plain row SGD lives with its fused form (kernels/); re-exported
 from offloadfr.losses import Margin, margin_cross_entropy
 from offloadfr.registry import Registry
 
@@ -157,19 +158,6 @@ def build_head(cfg: HeadCfg, deps: HeadDeps) -> Head:
     head = HEADS.get(cfg.kind)(cfg, deps)
     assert isinstance(head, Head)
     return head
-
-
-@torch.no_grad()
-def sgd_rows_(w_KD: torch.Tensor, grad_KD: torch.Tensor, mom_KD: torch.Tensor, *, lr: float, momentum: float,
-              weight_decay: float) -> None:
-    """SGD with momentum and weight decay on the rows given, in place (torch.optim.SGD semantics, dampening 0).
-
-    Only the rows passed in move: rows that received no gradient keep their value and momentum ("sparse momentum",
-    as PFC v1, PLSC and TorchRec do). arcface_torch PartialFC_V2 instead decays and moves every row every step.
-    """
-    d_KD = grad_KD.add(w_KD, alpha=weight_decay) if weight_decay else grad_KD
-    mom_KD.mul_(momentum).add_(d_KD)
-    w_KD.sub_(mom_KD, alpha=lr)
 
 
 def gather_global_batch(emb_BD: torch.Tensor, labels_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

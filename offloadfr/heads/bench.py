@@ -1,12 +1,15 @@
-"""The head step benchmark behind ``python launch/bench.py kernel``: plain vs fused margin cross-entropy, and the
-logit GEMMs in fp32, TF32 and bf16, side by side in one run (docs/kernels.md).
+"""The head step benchmark behind ``python launch/bench.py kernel``: the plain head step vs the fused one (row
+normalisation, margin cross-entropy and row update in Triton), and the logit GEMMs in fp32, TF32 and bf16, side by
+side in one run (docs/kernels.md).
 
 Legend: B = batch, D = embedding width, K = resident rows (slots), all of them in the softmax.
 
 One step is what ``fc`` (and ``partial_fc`` with every slot active) does per batch: cosine logits
 (:func:`offloadfr.kernels.cosine_logits`), margin and cross-entropy
 (:func:`offloadfr.kernels.margin_softmax_cross_entropy`), backward to the embeddings and the K rows, and the
-sparse-momentum SGD of the rows (:func:`sgd_rows_`). The variants
+sparse-momentum SGD of the rows (:func:`offloadfr.kernels.update_rows_`: ``sgd_rows_`` in place on the plain variants,
+the one-pass Triton kernel on the ``triton`` ones; each row's ``fused`` field lists what its variant fuses). The
+variants
 share one weight matrix and are timed round-robin, step by step, so a slow phase of the machine hits them all alike;
 on CUDA each step is timed with CUDA events. Before timing, every variant computes the loss and the embedding gradient
 from the same rows once, compared with ``torch:fp32`` (the reference), and its peak device memory is recorded.
@@ -22,14 +25,15 @@ import torch
 
 from offloadfr.config import LossCfg
 from offloadfr.errors import ConfigError
-from offloadfr.heads.base import sgd_rows_
-from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy
+from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy, update_rows_
 from offloadfr.losses import build_margin
 
-__all__ = ["VARIANTS", "PHASES", "measure_head_step"]
+__all__ = ["VARIANTS", "FUSED", "PHASES", "measure_head_step"]
 
 VARIANTS = ("torch:fp32", "torch:tf32", "torch:bf16", "triton:fp32", "triton:tf32", "triton:bf16")
 """``kernel:gemm_precision`` pairs (``head.kernel``, ``head.gemm_precision``)."""
+FUSED = {"torch": "none", "triton": "normalize+margin_ce+row_sgd"}
+"""What each ``head.kernel`` computes in Triton kernels (the ``fused`` field of a row); the GEMMs are cuBLAS's."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -57,8 +61,9 @@ def measure_head_step(*, num_slots: int, batch_size: int, dim: int, variants: tu
 
     Returns:
         Rows with ``step_ms_p50``/``p90``, the median of each phase (``logits_ms_p50``, ``loss_ms_p50``,
-        ``backward_ms_p50``, ``update_ms_p50``), ``peak_device_GiB`` (CUDA), ``loss`` and the relative differences of
-        the loss and of the embedding gradient from ``torch:fp32``.
+        ``backward_ms_p50``, ``update_ms_p50``), ``peak_device_GiB`` (CUDA), ``loss``, the relative differences of
+        the loss and of the embedding gradient from ``torch:fp32``, and ``update_rel_diff``: that of the variant's
+        row update from the plain one on the same rows, momentum and gradient.
 
     Raises:
         ValueError: an unknown variant.
@@ -79,7 +84,8 @@ def measure_head_step(*, num_slots: int, batch_size: int, dim: int, variants: tu
     steppers: dict[str, Callable[[bool], tuple[torch.Tensor, torch.Tensor]]] = {}
     for name in variants:
         kernel, precision = name.split(":")
-        row = {**base, "variant": name, "kernel": kernel, "gemm_precision": precision, "status": "ok"}
+        row = {**base, "variant": name, "kernel": kernel, "fused": FUSED[kernel], "gemm_precision": precision,
+               "status": "ok"}
         try:
             check_kernel(kernel, margin, device)
         except ConfigError as err:
@@ -107,6 +113,7 @@ def measure_head_step(*, num_slots: int, batch_size: int, dim: int, variants: tu
         if reference is not None:
             rows[name]["loss_rel_diff"] = abs(loss.item() - reference[0].item()) / abs(reference[0].item())
             rows[name]["grad_emb_rel_diff"] = ((grad_BD - reference[1]).norm() / reference[1].norm()).item()
+        rows[name]["update_rel_diff"] = _update_rel_diff(name.split(":")[0], dim, device, seed)
     times: dict[str, list[list[float]]] = {name: [] for name in steppers}
     for i in range(warmup + steps):
         for name, step in steppers.items():
@@ -121,6 +128,19 @@ def measure_head_step(*, num_slots: int, batch_size: int, dim: int, variants: tu
     return [rows[name] for name in variants]
 
 
+def _update_rel_diff(kernel: str, dim: int, device: torch.device, seed: int, num_rows: int = 4096) -> float:
+    """Relative difference (norm) of ``kernel``'s row update from the plain one, from the same ``num_rows`` rows,
+    non-zero momentum and gradient (the timed steps cannot tell: each variant updates the shared rows in turn)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    w_KD, m_KD, grad_KD = (torch.randn(num_rows, dim, generator=gen).to(device) for _ in range(3))
+    step = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    want = (w_KD.clone(), m_KD.clone())
+    update_rows_(*want, grad_KD, None, **step)
+    update_rows_(w_KD, m_KD, grad_KD, None, **step, kernel=kernel)
+    got, ref = torch.cat([w_KD, m_KD]), torch.cat(want)
+    return ((got - ref).norm() / ref.norm()).item()
+
+
 PHASES = ("logits", "loss", "backward", "update")
 """The parts of a step timed separately (CUDA events between them, one synchronisation per step)."""
 
@@ -128,7 +148,8 @@ PHASES = ("logits", "loss", "backward", "update")
 def _stepper(w_KD: torch.Tensor, mom_KD: torch.Tensor, emb_BD: torch.Tensor, labels_B: torch.Tensor,
              margin: torch.nn.Module, kernel: str, precision: str
              ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """One head step: logits, margin and cross-entropy, backward, and (``update``) the row SGD of ``fc``.
+    """One head step: logits, margin and cross-entropy, backward, and (``update``) the row SGD of ``fc`` (fused
+    into one pass with ``kernel = "triton"``).
     ``mark(i)`` is called after phase ``i`` of :data:`PHASES`."""
 
     def step(update: bool, mark: Callable[[int], None] = lambda i: None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +162,7 @@ def _stepper(w_KD: torch.Tensor, mom_KD: torch.Tensor, emb_BD: torch.Tensor, lab
         loss.backward()
         mark(2)
         if update:
-            sgd_rows_(w_KD, w.grad, mom_KD, lr=0.1, momentum=0.9, weight_decay=5e-4)
+            update_rows_(w_KD, mom_KD, w.grad, None, lr=0.1, momentum=0.9, weight_decay=5e-4, kernel=kernel)
         mark(3)
         return loss.detach(), emb.grad
 

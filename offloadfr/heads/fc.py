@@ -26,9 +26,8 @@ from offloadfr.heads.base import (
     gather_partitioned_rows,
     partitioned_loss,
     register_head,
-    sgd_rows_,
 )
-from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy
+from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy, update_rows_
 
 __all__ = ["FCHead"]
 
@@ -73,11 +72,12 @@ class FCHead(Head):
 
     @torch.no_grad()
     def update(self, lr: float) -> None:
-        """SGD with momentum on every row (all rows were in the softmax)."""
+        """SGD with momentum on every row (all rows were in the softmax), fused into one pass with
+        ``head.kernel = "triton"``."""
         if self.weight.grad is None:
             return
-        sgd_rows_(self.weight.data, self.weight.grad, self.momentum_buf, lr=lr * self.cfg.lr_scale,
-                  momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        update_rows_(self.weight.data, self.momentum_buf, self.weight.grad, None, lr=lr * self.cfg.lr_scale,
+                     momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay, kernel=self.kernel)
         self.weight.grad = None
 
     @torch.no_grad()

@@ -37,8 +37,8 @@ from offloadfr.cache import DynamicClassContainer, Prefetcher
 from offloadfr.config import HeadCfg
 from offloadfr.dist import ClassPartition, all_gather_labels, all_gather_objects, barrier
 from offloadfr.errors import CheckpointError
-from offloadfr.heads.base import Head, HeadDeps, gather_global_batch, partitioned_loss, register_head, sgd_rows_
-from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy
+from offloadfr.heads.base import Head, HeadDeps, gather_global_batch, partitioned_loss, register_head
+from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy, update_rows_
 
 __all__ = ["PartialFCHead"]
 
@@ -127,6 +127,7 @@ class PartialFCHead(Head):
         self.num_steps = 0
         self._active_slots: torch.Tensor | None = None
         self._w_AD: torch.Tensor | None = None
+        self._every_slot = False  # this step's active slots are all K slots (w_AD is then the DCC's own rows)
         self._blocks_before: dict[str, int] = {}  # bank block counters at the previous metrics() call
 
     # ------------------------------------------------------------------------------------------------ the plan
@@ -161,7 +162,13 @@ class PartialFCHead(Head):
             active_A = self._sample(pos_slots_N[pos_slots_N >= 0], used_K)
         # position of each positive in active_A (active_A is sorted, and contains every positive of this rank)
         target_N = torch.where(pos_slots_N >= 0, torch.searchsorted(active_A, pos_slots_N), -1)
-        w_AD = self.dcc["centers"].index_select(0, active_A).requires_grad_(True)
+        # active_A is sorted and unique, so A = K means every slot in order: the rows themselves, not a copy (the DCC
+        # changes only in ``ready`` and ``update``, never between this forward and its backward)
+        self._every_slot = active_A.numel() == self.dcc.num_slots
+        if self._every_slot:
+            w_AD = self.dcc["centers"].detach().requires_grad_(True)
+        else:
+            w_AD = self.dcc["centers"].index_select(0, active_A).requires_grad_(True)
         self._active_slots, self._w_AD = active_A, w_AD
         cos_NA = cosine_logits(emb_ND, w_AD, self.cfg.gemm_precision, kernel=self.kernel)
         if self.kernel == "triton":  # one process only (check_kernel); writes the gradient into cos_NA's buffer
@@ -179,17 +186,15 @@ class PartialFCHead(Head):
 
     @torch.no_grad()
     def update(self, lr: float) -> None:
-        """Sparse-momentum SGD on the active rows (those that were in the softmax)."""
+        """Sparse-momentum SGD on the active rows (those that were in the softmax), in place in the DCC: gathered,
+        updated and scattered back (``head.kernel = "torch"``), or in one fused pass (``"triton"``)."""
         if self._w_AD is None:
             return
-        slots_A = self._active_slots
-        if self._w_AD.grad is not None:
-            w_AD = self.dcc["centers"].index_select(0, slots_A)
-            m_AD = self.dcc["momentum"].index_select(0, slots_A)
-            sgd_rows_(w_AD, self._w_AD.grad, m_AD, lr=lr * self.cfg.lr_scale, momentum=self.cfg.momentum,
-                      weight_decay=self.cfg.weight_decay)
-            self.dcc["centers"].index_copy_(0, slots_A, w_AD)
-            self.dcc["momentum"].index_copy_(0, slots_A, m_AD)
+        if self._w_AD.grad is not None:  # sorted and unique slots; None: every slot in order, no gather
+            slots_A = None if self._every_slot else self._active_slots
+            update_rows_(self.dcc["centers"], self.dcc["momentum"], self._w_AD.grad, slots_A,
+                         lr=lr * self.cfg.lr_scale, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay,
+                         kernel=self.kernel)
         self._active_slots, self._w_AD = None, None
         self.num_steps += 1
 

@@ -9,6 +9,9 @@ Legend: B = batch rows, D = embedding width, K = logit columns (classes or resid
 * :func:`margin_softmax_cross_entropy`: the margin and the softmax cross-entropy of those cosines, either the plain
   ``margin_cross_entropy(margin(cos_BK, target_B), target_B)`` (``kernel = "torch"``) or the fused Triton kernel
   of :mod:`offloadfr.kernels.margin_ce` (``kernel = "triton"``), which is tested against it.
+* :func:`update_rows_`: the sparse-momentum SGD of the rows that were in the softmax, either the plain ``index_select``
+  + :func:`sgd_rows_` + ``index_copy_`` (``kernel = "torch"``) or the one-pass Triton kernel of
+  :mod:`offloadfr.kernels.row_sgd` (``kernel = "triton"``), which is tested against it.
 
 Triton is optional (the ``triton`` extra; the GPU image bundles it with torch): it is imported only when a fused
 kernel is used.
@@ -29,7 +32,7 @@ from offloadfr.errors import ConfigError
 from offloadfr.losses import Margin, margin_cross_entropy
 
 __all__ = ["KERNELS", "GEMM_PRECISIONS", "check_kernel", "cosine_logits", "margin_softmax_cross_entropy",
-           "triton_available"]
+           "sgd_rows_", "triton_available", "update_rows_"]
 
 _log = logging.getLogger(__name__)
 
@@ -175,3 +178,49 @@ def cosine_logits(emb_BD: torch.Tensor, w_KD: torch.Tensor, precision: str = "fp
     if precision == "tf32":
         return _TF32MatmulNT.apply(emb_BD, w_KD)
     return emb_BD.to(operand) @ w_KD.to(operand).t()
+
+
+@torch.no_grad()
+def sgd_rows_(w_KD: torch.Tensor, grad_KD: torch.Tensor, mom_KD: torch.Tensor, *, lr: float, momentum: float,
+              weight_decay: float) -> None:
+    """SGD with momentum and weight decay on the rows given, in place (torch.optim.SGD semantics, dampening 0).
+
+    Only the rows passed in move: rows that received no gradient keep their value and momentum ("sparse momentum",
+    as PFC v1, PLSC and TorchRec do). arcface_torch PartialFC_V2 instead decays and moves every row every step.
+    """
+    d_KD = grad_KD.add(w_KD, alpha=weight_decay) if weight_decay else grad_KD
+    mom_KD.mul_(momentum).add_(d_KD)
+    w_KD.sub_(mom_KD, alpha=lr)
+
+
+@torch.no_grad()
+def update_rows_(w_KD: torch.Tensor, m_KD: torch.Tensor, grad_AD: torch.Tensor, slots_A: torch.Tensor | None, *,
+                 lr: float, momentum: float, weight_decay: float, kernel: str = "torch") -> None:
+    """Sparse-momentum SGD (:func:`sgd_rows_`) of the rows ``slots_A`` of ``w_KD`` and ``m_KD``, in place.
+
+    Args:
+        w_KD: the rows (a head's centers), float32 (K, D); updated in place.
+        m_KD: their momentum buffers, same shape; updated in place.
+        grad_AD: the gradient of the updated rows: row ``a`` belongs to row ``slots_A[a]`` of ``w_KD``.
+        slots_A: int64 rows of ``w_KD``, unique (the triton kernel also needs them strictly increasing); None
+            updates every row in order (``grad_AD`` then has K rows).
+        lr: the learning rate.
+        momentum: the momentum factor.
+        weight_decay: L2 factor added to the gradient.
+        kernel: ``"torch"``, the plain reference (gather the rows, :func:`sgd_rows_`, scatter them back: ~17 passes
+            over A×D; with no slots :func:`sgd_rows_` in place, ~8), or ``"triton"``, one fused pass
+            (:func:`offloadfr.kernels.row_sgd.fused_row_sgd_`: read w, m and g once, write w and m once).
+    """
+    if kernel == "triton":
+        from offloadfr.kernels.row_sgd import fused_row_sgd_
+
+        fused_row_sgd_(w_KD, m_KD, grad_AD, slots_A, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return
+    if slots_A is None:
+        sgd_rows_(w_KD, grad_AD, m_KD, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return
+    w_AD = w_KD.index_select(0, slots_A)
+    m_AD = m_KD.index_select(0, slots_A)
+    sgd_rows_(w_AD, grad_AD, m_AD, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    w_KD.index_copy_(0, slots_A, w_AD)
+    m_KD.index_copy_(0, slots_A, m_AD)
