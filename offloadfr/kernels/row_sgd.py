@@ -12,7 +12,7 @@ nesterov, and momentum buffers that start at zero::
     w = w − lr · m
 
 It reads ``w[slot]``, ``m[slot]`` and ``g[a]`` once and writes ``w[slot]`` and ``m[slot]`` once: 5 passes over A×D
-float32, where the plain path makes about 17 (the two gathers, the weight decay, the momentum and the step as
+float32, where the plain path makes 19 (the two gathers, the weight decay, the momentum and the step as
 separate element-wise kernels, the two scatters). Rows not in ``slots_A`` are neither read nor written.
 
 Precondition: the slots are **strictly increasing** (so unique and each row is written by one program). The heads
