@@ -34,13 +34,16 @@ from offloadfr.train.engine import PlainEngine
 NUM_CLASSES, DIM, IMAGE, ROWS = 37, 16, 16, 8
 LABELS = [0, 19, 20, 36, 5, 5, 23, 31]  # both ranks' ranges, their boundary, a repeated id
 # head kind, "+" the DeepSpeed config of the engine (plain otherwise), "/" the loss (arcface otherwise)
-KINDS = ("fc", "partial_fc", "fc+zero0", "fc/adasin", "partial_fc/adasin")
+KINDS = ("fc", "partial_fc", "fc+zero0", "fc/adasin", "partial_fc/adasin", "vfc", "vfc/adasin")
+# vfc with M = 4 anchors (2 per rank) and LABELS' 7 ids: groups id mod 4 = 0 (0, 20, 36), 1 (5), 3 (19, 23, 31);
+# 20 borrows the free anchor 2 (rank 1's), 23, 31 and 36 are ignored: both the loan and the unlabelled rows cross ranks
+NUM_ANCHORS = 4
 
 
 def _center_grads(head: torch.nn.Module, kind: str) -> torch.Tensor:
-    """The gradient of all N class centers (zeros for rows without one), summed over ranks."""
-    full_ND = torch.zeros(NUM_CLASSES, DIM)
-    if kind == "fc":
+    """The gradient of all N class centers (vfc: M anchors; zeros for rows without one), summed over ranks."""
+    full_ND = torch.zeros(NUM_ANCHORS if kind == "vfc" else NUM_CLASSES, DIM)
+    if kind in ("fc", "vfc"):
         start = head.partition.class_start
         full_ND[start:start + head.partition.num_local] = head.weight.grad
     else:
@@ -78,7 +81,7 @@ def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
         deps = HeadDeps(margin=margin, num_classes=NUM_CLASSES, dim=DIM, device=env.device,
                         bank=BankCfg(chunk_rows=4), cache=CacheCfg(), rank=env.rank, world_size=env.world_size,
                         bank_path=out_dir / f"bank_{head_kind}_w{env.world_size}")
-        head = build_head(HeadCfg(kind=head_kind), deps)
+        head = build_head(HeadCfg(kind=head_kind, num_anchors=NUM_ANCHORS), deps)
         try:
             head.plan(labels_N[rows])
             loss = head(engine.forward(images_N[rows]), labels_N[rows])
@@ -87,6 +90,8 @@ def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             assert len(grads) > 4, "the backbone received no gradient"
             results[kind] = {"loss": loss.detach(), "centers": _center_grads(head, head_kind), **grads,
                              **{f"margin.{name}": value.clone() for name, value in margin.state_dict().items()}}
+            if head_kind == "vfc":  # the anchors after this step's overwrite (the loan included), all M of them
+                results[kind]["anchors"] = head.state_dict()["weight"].clone()
             if kind == "fc":  # a state_dict holds all N rows on any number of processes
                 results[kind]["state_rows"] = head.state_dict()["weight"].clone()
                 results[kind]["gathered_labels"] = all_gather_labels(labels_N[rows])

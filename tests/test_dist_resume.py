@@ -1,8 +1,8 @@
 """Resume across a change of process count: a run saved on 1 process resumes on 2 real gloo processes, and one saved on
-2 resumes on 1, for fc (rows gathered into the checkpoint), partial_fc (one global Zarr bank), dcp and attfc (the
-pool or queue, the same on every rank) and the DeepSpeed engine (consolidated weights). Each hop first re-saves the
-checkpoint it loaded without training (max_steps = its step), which must reproduce the saved state exactly, then
-trains on."""
+2 resumes on 1, for fc (rows gathered into the checkpoint), partial_fc (one global Zarr bank), vfc (anchors gathered
+like fc's rows), dcp and attfc (the pool or queue, the same on every rank) and the DeepSpeed engine (consolidated
+weights). Each hop first re-saves the checkpoint it loaded without training (max_steps = its step), which must
+reproduce the saved state exactly, then trains on."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def _train(root: Path, name: str, world: int, head: str, engine: str, max_steps:
         sets += ["data.sampler=dual", "data.images_per_identity=2", "head.pool_fraction=0.5"]
     if head == "attfc":  # a queue of 8 entries for 16 ids: it wraps around
         sets += ["data.sampler=attention", "head.queue_fraction=0.5"]
+    if head == "vfc":  # 8 anchors for 16 ids, 4 per rank on 2 processes
+        sets += ["head.num_anchors=8"]
     cmd = [sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "ds_configs/runs/synth_tiny.toml")]
     cmd += [a for s in sets for a in ("--set", s)] + (["--resume", "auto"] if resume else [])
     run_ranks(cmd, world, timeout_s=TIMEOUT_S, what=f"{name}: training")
@@ -44,7 +46,7 @@ def _state(root: Path, name: str, step: int, head: str) -> dict[str, torch.Tenso
     if head == "fc":
         out["head.weight"] = state["head"]["weight"]
         out["head.momentum"] = state["head"]["momentum_buf"]
-    elif head in ("dcp", "attfc"):  # the pool (its rows and LRU) or the queue, and the twin network
+    elif head in ("dcp", "attfc", "vfc"):  # the pool (its rows and LRU), the queue and the twin network, the anchors
         for key, value in state["head"].items():
             if key.endswith("_extra_state"):
                 out.update({f"head.{key}.{k}": torch.as_tensor(v) for k, v in value.items()})
@@ -72,7 +74,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("head", "engine"), [("fc", "plain"), ("partial_fc", "plain"), ("fc", "deepspeed"),
-                                             ("dcp", "plain"), ("attfc", "plain")])
+                                             ("dcp", "plain"), ("attfc", "plain"), ("vfc", "plain")])
 def test_resume_across_process_counts(tmp_path: Path, head: str, engine: str) -> None:
     """Catches a checkpoint that holds only one rank's rows, a bank written per rank, or a DeepSpeed checkpoint that
     loads only on its own process count: any of them fails a hop or changes the state it re-saves."""

@@ -39,7 +39,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["fc", "partial_fc", "fc+zero0", "fc/adasin", "partial_fc/adasin"])
+@pytest.mark.parametrize("kind", ["fc", "partial_fc", "fc+zero0", "fc/adasin", "partial_fc/adasin", "vfc",
+                                  "vfc/adasin"])
 def test_two_ranks_match_one_process(runs: tuple[list[dict[str, Any]], dict[str, Any]], kind: str) -> None:
     two, one = runs
     ref = one[kind]

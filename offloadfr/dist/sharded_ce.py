@@ -31,17 +31,18 @@ from offloadfr.errors import DataError
 __all__ = ["sharded_softmax_cross_entropy"]
 
 
-def _check_one_positive(count_B: torch.Tensor) -> None:
-    """Every row must have its positive on exactly one rank; fails on every rank alike (the counts are all-reduced)."""
+def _check_one_positive(count_B: torch.Tensor, allow_none: bool) -> None:
+    """Every row must have its positive on exactly one rank (or on none, with ``allow_none``); fails on every rank
+    alike (the counts are all-reduced)."""
     msg = (
         "a row of the global batch has its positive on {} ranks instead of exactly 1: its label is outside "
         "[0, num_classes) or the ranks disagree on the class partition; check the dataset's labels against "
         "num_classes and that every rank builds ClassPartition with the same num_classes and world_size"
     )
-    ok = (count_B == 1).all()
+    ok = (count_B <= 1).all() if allow_none else (count_B == 1).all()
     if count_B.device.type == "cpu":
         if not bool(ok):
-            bad = int((count_B != 1).nonzero()[0, 0])
+            bad = int(((count_B > 1) if allow_none else (count_B != 1)).nonzero()[0, 0])
             raise DataError(f"row {bad}: " + msg.format(int(count_B[bad])))
     else:
         # No host synchronisation on accelerators: the check fails at the next synchronising call.
@@ -51,7 +52,7 @@ def _check_one_positive(count_B: torch.Tensor) -> None:
 class _ShardedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, logits_BC: torch.Tensor, target_B: torch.Tensor, group: Group | None
+        ctx: Any, logits_BC: torch.Tensor, target_B: torch.Tensor, group: Group | None, allow_unlabelled: bool
     ) -> torch.Tensor:
         # float32 at least (margins already produce float32; float64 stays float64 for gradient checks).
         dtype = torch.promote_types(logits_BC.dtype, torch.float32)
@@ -69,30 +70,36 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
         stats_3B = torch.stack([exp_BC.sum(dim=1), pos_B, has_pos_B.to(dtype)])
         dist.all_reduce(stats_3B, op=dist.ReduceOp.SUM, group=group)
         sum_exp_B, pos_B, count_B = stats_3B.unbind(0)
-        _check_one_positive(count_B)
+        _check_one_positive(count_B, allow_unlabelled)
 
-        loss = (sum_exp_B.log() - pos_B).mean()
         prob_BC = exp_BC.div_(sum_exp_B[:, None])
-        ctx.save_for_backward(prob_BC, col_B1, has_pos_B)
+        if allow_unlabelled:  # rows whose positive is on no rank take no part: the mean over the labelled rows
+            labelled_B = (count_B > 0).to(dtype)
+            num_labelled = labelled_B.sum().clamp(min=1)
+            loss = ((sum_exp_B.log() - pos_B) * labelled_B).sum() / num_labelled
+            prob_BC.mul_(labelled_B[:, None])
+        else:
+            num_labelled = torch.tensor(float(num_rows), dtype=dtype, device=x_BC.device)
+            loss = (sum_exp_B.log() - pos_B).mean()
+        ctx.save_for_backward(prob_BC, col_B1, has_pos_B, num_labelled)
         ctx.in_dtype = logits_BC.dtype
-        ctx.num_rows = num_rows
         ctx.used = False
         return loss
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         if ctx.used:
             # The softmax buffer is turned into the gradient in place; a second backward would read garbage.
             raise RuntimeError("sharded_softmax_cross_entropy does not support a second backward (retain_graph=True)")
         ctx.used = True
-        prob_BC, col_B1, has_pos_B = ctx.saved_tensors
+        prob_BC, col_B1, has_pos_B, num_labelled = ctx.saved_tensors
         grad_BC = prob_BC.scatter_add_(1, col_B1, -has_pos_B.to(prob_BC.dtype).unsqueeze(1))  # softmax - onehot
-        grad_BC.mul_(grad_out / ctx.num_rows)
-        return grad_BC.to(ctx.in_dtype), None, None
+        grad_BC.mul_(grad_out / num_labelled)
+        return grad_BC.to(ctx.in_dtype), None, None, None
 
 
 def sharded_softmax_cross_entropy(
-    logits_BC: torch.Tensor, target_B: torch.Tensor, group: Group | None = None
+    logits_BC: torch.Tensor, target_B: torch.Tensor, group: Group | None = None, *, allow_unlabelled: bool = False
 ) -> torch.Tensor:
     """Mean softmax cross-entropy over the global batch when each rank holds only some class columns.
 
@@ -102,16 +109,20 @@ def sharded_softmax_cross_entropy(
         target_B: int64, per row the local column of the positive in ``[0, C)``, or ``-1`` if another rank owns it
             (``ClassPartition.to_local`` of the gathered labels, or a sampled remapping of it).
         group: process group the columns are sharded over (None: the world).
+        allow_unlabelled: rows whose positive is on no rank take no part, and the loss is the mean over the rows
+            with one (``margin_cross_entropy``'s rule for target -1; ``vfc``'s ignored identities). False: such a
+            row is an error (a label outside the partition).
 
     Returns:
         The scalar loss, identical on every rank: float32 (float64 for float64 logits) on the sharded path; on the
         plain path exactly ``F.cross_entropy(logits_BC, target_B)``.
 
     Raises:
-        DataError: (CPU tensors, W > 1) a row's positive is on no rank or on several; on an accelerator the same check
+        DataError: (CPU tensors, W > 1) a row's positive is on several ranks, or on none without
+            ``allow_unlabelled``; on an accelerator the same check
             runs asynchronously and fails at the next synchronising call. On the plain path ``F.cross_entropy``
             rejects a ``-1`` target itself.
     """
     if process_group_size(group) == 1:
         return F.cross_entropy(logits_BC, target_B)
-    return _ShardedSoftmaxCE.apply(logits_BC, target_B, group)
+    return _ShardedSoftmaxCE.apply(logits_BC, target_B, group, allow_unlabelled)

@@ -39,9 +39,9 @@ from offloadfr.losses import Margin, margin_cross_entropy
 from offloadfr.registry import Registry
 
 __all__ = ["Head", "HeadDeps", "HEADS", "register_head", "build_head", "sgd_rows_", "gather_global_batch",
-           "partitioned_loss", "gather_partitioned_rows", "MULTI_PROCESS_HEADS"]
+           "partitioned_loss", "gather_partitioned_rows", "keep_global_rows_in_state", "MULTI_PROCESS_HEADS"]
 
-MULTI_PROCESS_HEADS = ("fc", "partial_fc", "dcp", "attfc")
+MULTI_PROCESS_HEADS = ("fc", "partial_fc", "dcp", "attfc", "vfc")
 """Heads that partition their class ids over ranks (docs/distributed.md says why the others do not)."""
 
 
@@ -170,15 +170,18 @@ def gather_global_batch(emb_BD: torch.Tensor, labels_B: torch.Tensor) -> tuple[t
     return all_gather_with_grad(emb_BD), all_gather_labels(labels_B)
 
 
-def partitioned_loss(logits_NC: torch.Tensor, target_N: torch.Tensor) -> torch.Tensor:
+def partitioned_loss(logits_NC: torch.Tensor, target_N: torch.Tensor, *,
+                     allow_unlabelled: bool = False) -> torch.Tensor:
     """Mean softmax cross-entropy over the global batch when this rank holds only its own class columns.
 
     ``target_N`` is the local column of each row's positive, or -1 when another rank owns it. One process:
-    :func:`margin_cross_entropy`; W processes: the sharded cross-entropy (max and sum-exp all-reduced).
+    :func:`margin_cross_entropy` (rows with -1 are left out); W processes: the sharded cross-entropy (max and sum-exp
+    all-reduced), where a row whose positive no rank owns is an error unless ``allow_unlabelled`` (then it is left
+    out, as on one process).
     """
     if process_group_size() == 1:
         return margin_cross_entropy(logits_NC, target_N)
-    return sharded_softmax_cross_entropy(logits_NC, target_N)
+    return sharded_softmax_cross_entropy(logits_NC, target_N, allow_unlabelled=allow_unlabelled)
 
 
 def gather_partitioned_rows(rows_CD: torch.Tensor, partition: ClassPartition) -> torch.Tensor:
@@ -187,3 +190,28 @@ def gather_partitioned_rows(rows_CD: torch.Tensor, partition: ClassPartition) ->
         return rows_CD
     sizes = [end - start for start, end in map(partition.range_of, range(partition.world_size))]
     return all_gather_rows(rows_CD.contiguous(), sizes)
+
+
+_ROWS = ("weight", "momentum_buf")
+
+
+def keep_global_rows_in_state(head: Head) -> None:
+    """Makes a head whose ``weight`` and ``momentum_buf`` rows are partitioned by ``head.partition`` save all of them
+    (a collective in ``state_dict``) and load its own range of a state holding all of them, so a checkpoint does not
+    depend on the number of processes (``fc``, ``vfc``)."""
+    head.register_state_dict_post_hook(_gather_rows_hook)
+    head.register_load_state_dict_pre_hook(_slice_rows_hook)
+
+
+def _gather_rows_hook(module: Head, state: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict: all rows (a collective), so the checkpoint does not depend on the number of processes."""
+    for name in _ROWS:
+        state[prefix + name] = gather_partitioned_rows(state[prefix + name].detach(), module.partition)
+
+
+def _slice_rows_hook(module: Head, state: dict, prefix: str, *args: object) -> None:
+    """load_state_dict: keeps this rank's rows of a state that holds all of them."""
+    for name in _ROWS:
+        key = prefix + name
+        if key in state and state[key].shape[0] == module.partition.num_classes:
+            state[key] = state[key][module.partition.local_slice]

@@ -19,7 +19,7 @@ authors' code does. With the bank on (n > 0):
    pointer and the bank's step are in the head's ``state_dict`` (``get_extra_state``), and a resume refuses a bank
    whose step is not the checkpoint's.
 
-Fewer than n seen identities: all of them are used. Single process only (as both heads).
+Fewer than n seen identities: all of them are used. Single process only (both heads refuse bank mode on W > 1).
 """
 
 from __future__ import annotations

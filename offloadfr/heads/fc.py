@@ -23,7 +23,7 @@ from offloadfr.heads.base import (
     Head,
     HeadDeps,
     gather_global_batch,
-    gather_partitioned_rows,
+    keep_global_rows_in_state,
     partitioned_loss,
     register_head,
 )
@@ -57,8 +57,7 @@ class FCHead(Head):
         self.weight = nn.Parameter(w_CD.to(deps.device))
         self.register_buffer("momentum_buf", torch.zeros_like(self.weight))
         if deps.world_size > 1:
-            self.register_state_dict_post_hook(_gather_rows_hook)
-            self.register_load_state_dict_pre_hook(_slice_rows_hook)
+            keep_global_rows_in_state(self)
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
         """Margin softmax cross-entropy of the (global) batch against all centers (fp32, or the GEMMs in
@@ -85,19 +84,3 @@ class FCHead(Head):
         """Drops the gradient; no row moves."""
         self.weight.grad = None
 
-
-_ROWS = ("weight", "momentum_buf")
-
-
-def _gather_rows_hook(module: FCHead, state: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict: all N rows (a collective), so the checkpoint does not depend on the number of processes."""
-    for name in _ROWS:
-        state[prefix + name] = gather_partitioned_rows(state[prefix + name].detach(), module.partition)
-
-
-def _slice_rows_hook(module: FCHead, state: dict, prefix: str, *args: object) -> None:
-    """load_state_dict: keeps this rank's rows of a checkpoint that holds all N rows."""
-    for name in _ROWS:
-        key = prefix + name
-        if key in state and state[key].shape[0] == module.partition.num_classes:
-            state[key] = state[key][module.partition.local_slice]

@@ -27,7 +27,14 @@ its random initialisation) and its joint CASIA-FC + Virtual FC training.
 
 Batches: the head works with any batch, but the method is meant for a P×K identity sampler (the code: 70 identities
 × 10 images), where each anchor is a sum of K features; with uniform instance batches most anchors are one feature.
-A batch with more than M distinct identities ignores the excess (``vfc/ignored_ids``). Single process only.
+A batch with more than M distinct identities ignores the excess (``vfc/ignored_ids``).
+
+W processes (the authors' code runs one GPU): the anchors are partitioned like ``fc``'s class centers (contiguous
+ranges of the M anchors, ``dist.ClassPartition``). The embeddings are all-gathered with gradient, every rank makes
+the same anchor assignment from the global batch's labels and overwrites the anchors it owns with the global batch's
+feature sums, and the softmax cross-entropy is sharded, with the ignored identities' rows left out
+(``allow_unlabelled``). A 2-rank step is the 1-process step of the global batch (tests/test_dist_train.py), and the
+checkpoint holds all M anchors on any process count.
 """
 
 from __future__ import annotations
@@ -37,8 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from offloadfr.config import HeadCfg
-from offloadfr.heads.base import Head, HeadDeps, register_head, sgd_rows_
-from offloadfr.losses import margin_cross_entropy
+from offloadfr.dist import ClassPartition
+from offloadfr.heads.base import (
+    Head,
+    HeadDeps,
+    gather_global_batch,
+    keep_global_rows_in_state,
+    partitioned_loss,
+    register_head,
+    sgd_rows_,
+)
 
 __all__ = ["VirtualFCHead", "assign_anchors"]
 
@@ -92,31 +107,39 @@ class VirtualFCHead(Head):
         self.cfg = cfg
         self.margin = deps.margin
         self.num_anchors = cfg.num_anchors
+        self.partition = ClassPartition(cfg.num_anchors, deps.world_size, deps.rank)  # anchors, like fc's ids
         w_MD = torch.empty(cfg.num_anchors, deps.dim)
         nn.init.xavier_uniform_(w_MD, generator=torch.Generator().manual_seed(deps.bank.seed))
-        self.weight = nn.Parameter(w_MD.to(deps.device))
+        self.weight = nn.Parameter(w_MD[self.partition.local_slice].clone().to(deps.device))  # this rank's anchors
         self.register_buffer("momentum_buf", torch.zeros_like(self.weight))
+        if deps.world_size > 1:
+            keep_global_rows_in_state(self)
         self._borrowed: torch.Tensor | None = None  # anchors lent this step ...
         self._saved_KD: torch.Tensor | None = None  # ... and their rows before the loan
         self._last = {"vfc/borrowed_anchors": 0.0, "vfc/ignored_ids": 0.0, "vfc/ids_per_batch": 0.0}
 
     def forward(self, emb_BD: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
-        """Rebuilds the batch's anchors from ``emb_BD`` (detached), then margin softmax CE against all M anchors."""
+        """Rebuilds the (global) batch's anchors from its embeddings (detached), then margin softmax CE against all M
+        anchors (this rank's columns of it on W processes)."""
         self._restore_borrowed()  # forward twice without update (tests): the previous loan ends here
-        ids_U, inv_B = torch.unique(labels_B, sorted=True, return_inverse=True)
-        anchor_U, borrowed = assign_anchors(ids_U, self.num_anchors)
-        feat_BD = emb_BD.detach().float()
-        sums_UD = torch.zeros(ids_U.numel(), feat_BD.shape[1], dtype=feat_BD.dtype, device=feat_BD.device)
-        sums_UD.index_add_(0, inv_B, feat_BD)
-        kept_U = anchor_U >= 0
+        emb_ND, labels_N = gather_global_batch(emb_BD, labels_B)
+        ids_U, inv_N = torch.unique(labels_N, sorted=True, return_inverse=True)
+        anchor_U, borrowed = assign_anchors(ids_U, self.num_anchors)  # global anchors, the same on every rank
+        feat_ND = emb_ND.detach().float()
+        sums_UD = torch.zeros(ids_U.numel(), feat_ND.shape[1], dtype=feat_ND.dtype, device=feat_ND.device)
+        sums_UD.index_add_(0, inv_N, feat_ND)
+        local_U = self.partition.to_local(anchor_U)  # -1: another rank's anchor, or an ignored identity
+        mine_U = local_U >= 0
+        borrowed_local = self.partition.to_local(borrowed)
+        borrowed_local = borrowed_local[borrowed_local >= 0]
         with torch.no_grad():
-            self._borrowed, self._saved_KD = borrowed, self.weight.index_select(0, borrowed)
-            self.weight.index_copy_(0, anchor_U[kept_U], sums_UD[kept_U])
-        target_B = anchor_U[inv_B]
-        cos_BM = F.normalize(emb_BD.float(), dim=1) @ F.normalize(self.weight, dim=1).t()
-        self._last = {"vfc/borrowed_anchors": float(borrowed.numel()), "vfc/ignored_ids": float((~kept_U).sum()),
+            self._borrowed, self._saved_KD = borrowed_local, self.weight.index_select(0, borrowed_local)
+            self.weight.index_copy_(0, local_U[mine_U], sums_UD[mine_U])
+        target_N = local_U[inv_N]
+        cos_NM = F.normalize(emb_ND.float(), dim=1) @ F.normalize(self.weight, dim=1).t()
+        self._last = {"vfc/borrowed_anchors": float(borrowed.numel()), "vfc/ignored_ids": float((anchor_U < 0).sum()),
                       "vfc/ids_per_batch": float(ids_U.numel())}
-        return margin_cross_entropy(self.margin(cos_BM, target_B), target_B)
+        return partitioned_loss(self.margin(cos_NM, target_N), target_N, allow_unlabelled=True)
 
     @torch.no_grad()
     def _restore_borrowed(self) -> None:
