@@ -6,6 +6,8 @@ blocks and evicts blocks, dirty ones included, while the I/O pool is loading the
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -24,6 +26,7 @@ from offloadfr.errors import BankError, ConfigError, DiskFullError
 
 from .test_diskfull import full_disk  # noqa: F401  (the fixture that makes writes under a directory fail: ENOSPC)
 
+REPO = Path(__file__).resolve().parent.parent
 N, D, R = 203, 8, 8
 ARRAYS = ("centers", "momentum")
 
@@ -275,3 +278,20 @@ def test_io_pool_threads_end_with_close(tmp_path: Path) -> None:
         assert _io_threads() - before  # the pool did run
         bank.close()
         assert _io_threads() <= before
+
+
+def test_bank_bench_rows(tmp_path: Path) -> None:
+    """Catches ``launch/bench.py bank`` rotting: one row per (source, tier, io_threads) with sane timings, the
+    serial row's speedup 1, in CI size."""
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "bank", "--num-blocks", "6", "--block-rows",
+                           "8", "--dim", "8", "--threads", "1", "3", "--rounds", "2", "--bank-dir", str(tmp_path),
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["source"], r["tier"], r["io_threads"]) for r in rows) == sorted(
+        (s, t, n) for s in ("init", "zarr") for t in ("nvme", "ram") for n in (1, 3))
+    for row in rows:
+        assert row["status"] == "ok" and row["ms_median"] > 0 and row["cpu_per_wall"] > 0 and row["env"]["python"]
+        assert row["speedup_vs_1_thread"] == 1.0 if row["io_threads"] == 1 else row["speedup_vs_1_thread"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]  # the temporary banks are gone
