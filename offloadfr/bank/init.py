@@ -61,10 +61,12 @@ def _normals(ids: np.ndarray, dim: int, seed: int, std: float) -> np.ndarray:
     """The (n, D) float32 initial rows of int64 ``ids`` (already validated).
 
     Rows are generated a piece of at most ``_PIECE_PAIRS`` pairs at a time, every step written into scratch buffers
-    made once per call (``out=``): whole-size temporaries cost more in page faults than in arithmetic (a fresh
-    multi-MiB array comes from ``mmap``), 3x the time of a 1024 x 512 block. Each value is computed by the same
-    element-wise operations on the same dtypes as in one whole-array pass, so the values do not depend on the piece
-    size (``tests/test_bank.py`` checks them bit for bit against that plain pass).
+    made once per call (``out=``). Whole-size temporaries (about ten per call) can cost more in page faults than in
+    arithmetic, since a fresh multi-MiB array may come from ``mmap``: in a process with torch loaded the whole-array
+    version took about 4x as long per 1024 x 512 block, and its peak memory was 4.5x its result
+    (docs/benchmarks/bank_io_cpu-2core_202611.md). Each value is computed by the same element-wise operations on the
+    same dtypes as in one whole-array pass, so the values do not depend on the piece size
+    (``tests/test_bank_parallel.py`` checks them bit for bit against that plain pass).
     """
     n = ids.shape[0]
     num_pairs = (dim + 1) // 2
