@@ -28,6 +28,11 @@ per configuration and a table in docs/benchmarks/quality_<machine>.md (offloadfr
 
 ``train``: the trainer's own step (real engine, head, bank and prefetcher) on synthetic images, with each head and
 with no classifier (backbone only), for the ratio of their images/s (offloadfr/train/bench_train.py).
+
+    python launch/bench.py bank --num-blocks 256 --threads 1 2 4
+
+``bank``: one bank call that misses many blocks (fresh ones from the initialiser, or stored ones from Zarr), timed
+for each ``bank.io_threads``, alternating (offloadfr/bank/bench.py).
 """
 
 from __future__ import annotations
@@ -203,6 +208,18 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bank(args: argparse.Namespace) -> int:
+    from offloadfr.bank.bench import measure_block_loads
+
+    env = _versions()
+    rows = measure_block_loads(num_blocks=args.num_blocks, block_rows=args.block_rows, dim=args.dim,
+                               threads=args.threads, tiers=args.tiers, sources=args.sources, rounds=args.rounds,
+                               bank_dir=args.bank_dir)
+    for row in rows:
+        emit_row({**row, "env": env}, args.out)
+    return 0
+
+
 def _cmd_table(args: argparse.Namespace) -> int:
     """Prints a markdown table of head rows (or of ``kernel`` rows) from a JSONL file."""
     rows = [json.loads(line) for line in Path(args.file).read_text().splitlines() if line.strip()]
@@ -282,6 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", help="append the JSON rows to this file")
     p.set_defaults(func=_cmd_kernel)
+    p = sub.add_parser("bank", help="one bank call missing many blocks, by bank.io_threads")
+    p.add_argument("--num-blocks", type=int, default=256, help="blocks one read_rows call touches")
+    p.add_argument("--block-rows", type=int, default=1024, help="ids per block (bank.chunk_rows)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8], help="bank.io_threads values")
+    p.add_argument("--tiers", nargs="+", choices=["nvme", "ram"], default=["nvme", "ram"])
+    p.add_argument("--sources", nargs="+", choices=["init", "zarr"], default=["init", "zarr"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bank-dir", default="", help="where the temporary banks are made")
+    p.add_argument("--out", help="append the JSON rows to this file")
+    p.set_defaults(func=_cmd_bank)
     p = sub.add_parser("table", help="markdown table of a results JSONL file")
     p.add_argument("file")
     p.set_defaults(func=_cmd_table)

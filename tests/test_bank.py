@@ -442,4 +442,6 @@ def test_ram_tier_rank_holds_only_its_partition(tmp_path: Path) -> None:
     assert torch.equal(full.read_rows(untouched), initial_rows(untouched, full.dim, seed=3, std=0.02))
     with pytest.raises(BankError, match="block boundary"):
         ZarrBank.open(tmp_path / "bank", tier="ram").hold_rows(1, R)
+    with pytest.raises(BankError, match="end on one or at 37"):  # a short last block exists only at N
+        ZarrBank.open(tmp_path / "bank", tier="ram").hold_rows(R, 2 * R + 3)
     full.close()

@@ -36,15 +36,19 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _COL_BITS = 24
 _MAX_ID = 1 << 40
 _TWO_PI_2_32 = 2.0 * np.pi / 2.0**32
+_PIECE_PAIRS = 16384
+"""Normal pairs generated per piece (128 KiB of uint64 counters: the scratch buffers stay in the CPU's L2 cache)."""
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser, in place on a uint64 array (a bijection with full avalanche)."""
-    z ^= z >> np.uint64(30)
-    z *= _M1
-    z ^= z >> np.uint64(27)
-    z *= _M2
-    z ^= z >> np.uint64(31)
+def _mix64(z: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """SplitMix64's finaliser, in place on a uint64 array (a bijection with full avalanche); ``scratch`` (same shape)
+    holds the shifted copies, else a temporary does."""
+    scratch = np.empty_like(z) if scratch is None else scratch
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        np.right_shift(z, np.uint64(shift), out=scratch)
+        z ^= scratch
+        if mult is not None:
+            z *= mult
     return z
 
 
@@ -54,26 +58,52 @@ def _seed_key(seed: int) -> np.uint64:
 
 
 def _normals(ids: np.ndarray, dim: int, seed: int, std: float) -> np.ndarray:
-    """The (n, D) float32 initial rows of int64 ``ids`` (already validated)."""
+    """The (n, D) float32 initial rows of int64 ``ids`` (already validated).
+
+    Rows are generated a piece of at most ``_PIECE_PAIRS`` pairs at a time, every step written into scratch buffers
+    made once per call (``out=``). Whole-size temporaries (about ten per call) can cost more in page faults than in
+    arithmetic, since a fresh multi-MiB array may come from ``mmap``: in a process with torch loaded the whole-array
+    version took about 4x as long per 1024 x 512 block, and its peak memory was 4.5x its result
+    (docs/benchmarks/bank_io_cpu-2core_202611.md). Each value is computed by the same element-wise operations on the
+    same dtypes as in one whole-array pass, so the values do not depend on the piece size
+    (``tests/test_bank_parallel.py`` checks them bit for bit against that plain pass).
+    """
+    n = ids.shape[0]
     num_pairs = (dim + 1) // 2
-    # counter = (id << 24) | j for j < P; the SplitMix64 state at that position is key + counter * gamma.
-    counter = (ids.astype(np.uint64) << np.uint64(_COL_BITS))[:, None] + np.arange(num_pairs, dtype=np.uint64)[None, :]
-    counter *= _GAMMA
-    counter += _seed_key(seed)
-    z = _mix64(counter)
-    # u1 in (0, 1] (never 0, so log is finite), from the high half; the angle from the low half.
-    # The halves are taken through a uint32 view: numpy converts uint64 to float without SIMD (15x slower).
-    halves = z.view(np.uint32).reshape(*z.shape, 2)
-    high, low = (halves[..., 1], halves[..., 0]) if sys.byteorder == "little" else (halves[..., 0], halves[..., 1])
-    u1 = (high.astype(np.float64) + 1.0) * (1.0 / 2.0**32)
-    radius = np.sqrt(-2.0 * np.log(u1)).astype(np.float32)
-    radius *= np.float32(std)
-    theta = low.astype(np.float32)
-    theta *= np.float32(_TWO_PI_2_32)
-    out = np.empty((ids.shape[0], 2 * num_pairs), dtype=np.float32)
-    # float32 sin/cos use numpy's SIMD kernels (15x faster than float64 libm on this VM).
-    np.multiply(radius, np.cos(theta), out=out[:, 0::2])
-    np.multiply(radius, np.sin(theta, out=theta), out=out[:, 1::2])
+    out = np.empty((n, 2 * num_pairs), dtype=np.float32)
+    rows = max(1, min(n, _PIECE_PAIRS // num_pairs))
+    cols = np.arange(num_pairs, dtype=np.uint64)
+    key = _seed_key(seed)
+    z = np.empty((rows, num_pairs), dtype=np.uint64)
+    scratch = np.empty((rows, num_pairs), dtype=np.uint64)
+    u1 = np.empty((rows, num_pairs), dtype=np.float64)
+    radius = np.empty((rows, num_pairs), dtype=np.float32)
+    theta = np.empty((rows, num_pairs), dtype=np.float32)
+    trig = np.empty((rows, num_pairs), dtype=np.float32)
+    for start in range(0, n, rows):
+        k = min(rows, n - start)
+        z_k, scratch_k, u1_k, radius_k, theta_k, trig_k = z[:k], scratch[:k], u1[:k], radius[:k], theta[:k], trig[:k]
+        # counter = (id << 24) | j for j < P; the SplitMix64 state at that position is key + counter * gamma.
+        np.add((ids[start:start + k].astype(np.uint64) << np.uint64(_COL_BITS))[:, None], cols, out=z_k)
+        z_k *= _GAMMA
+        z_k += key
+        _mix64(z_k, scratch_k)
+        # u1 in (0, 1] (never 0, so log is finite), from the high half; the angle from the low half.
+        # The halves are taken through a uint32 view: numpy converts uint64 to float without SIMD (15x slower).
+        halves = z_k.view(np.uint32).reshape(k, num_pairs, 2)
+        high, low = (halves[..., 1], halves[..., 0]) if sys.byteorder == "little" else (halves[..., 0], halves[..., 1])
+        np.add(high, 1.0, out=u1_k)  # uint32 -> float64 is exact, and so are + 1 and the power-of-2 scaling
+        u1_k *= 1.0 / 2.0**32
+        np.log(u1_k, out=u1_k)
+        u1_k *= -2.0
+        np.sqrt(u1_k, out=u1_k)
+        np.copyto(radius_k, u1_k, casting="same_kind")  # the radius is computed in float64, then rounded once
+        radius_k *= np.float32(std)
+        np.copyto(theta_k, low, casting="same_kind")
+        theta_k *= np.float32(_TWO_PI_2_32)
+        # float32 sin/cos use numpy's SIMD kernels (15x faster than float64 libm on this VM).
+        np.multiply(radius_k, np.cos(theta_k, out=trig_k), out=out[start:start + k, 0::2])
+        np.multiply(radius_k, np.sin(theta_k, out=trig_k), out=out[start:start + k, 1::2])
     return out[:, :dim] if dim % 2 else out
 
 
