@@ -590,7 +590,14 @@ class ZarrBank(ClassBank):
         if source == _SOURCE_INIT:
             return initial_block(array, lo, hi, self.dim, seed=self.seed, std=self.init_std)
         stored = self._journal[array] if source == _SOURCE_JOURNAL else self._main[array]
-        return np.require(stored[lo:hi], dtype=np.float32, requirements=["C", "W"])
+        try:
+            rows = stored[lo:hi]
+        except ValueError as exc:  # a chunk file of the wrong size: numpy cannot shape its bytes into the block
+            path = self._chunk_file(_JOURNAL if source == _SOURCE_JOURNAL else "", array, block)
+            raise BankError(f"{path}: block {block} of {array!r} cannot be read ({exc}); the file is damaged: restore "
+                            "the bank directory from a copy, or set bank.path to a new directory to start a new "
+                            "bank") from exc
+        return np.require(rows, dtype=np.float32, requirements=["C", "W"])
 
     def _count_load(self, source: str) -> None:
         self._counts["blocks_initialised" if source == _SOURCE_INIT else "blocks_loaded"] += 1
