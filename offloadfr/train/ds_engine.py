@@ -205,6 +205,13 @@ def resolve_ds_config(raw: dict[str, Any], train: TrainCfg, *, world_size: int, 
           "ZeRO refuses torch SGD without it: remove the key")
     _fill(cfg, "zero_force_ds_cpu_optimizer", False, "offloadfr's torch optimizers", source,
           "ZeRO-Offload would refuse the torch optimizer: remove the key")
+    if "zenflow" in (cfg.get("zero_optimization") or {}):
+        # Measured with DeepSpeed 0.19.8 on the CPU (docs/deepspeed.md, hypothesis 5): ZenFlow's device-side optimizer
+        # is AdamW (SGD fails), it needs DeepSpeed's CPU Adam (not torch's), and its column selection handles 1-D and
+        # 2-D weights only: an iresnet's 4-D convolution weight fails in the first backward.
+        raise ConfigError(f"{source}: zero_optimization.zenflow does not train offloadfr's backbones (DeepSpeed's "
+                          "ZenFlow updates AdamW only and selects columns of 2-D weights, not convolutions); remove "
+                          "the zenflow section")
     if "scheduler" in cfg:
         raise ConfigError(f"{source}: has a 'scheduler' section, but the learning rate follows train.scheduler "
                           "(the engine sets it every step); remove the section")
