@@ -84,6 +84,14 @@ def test_backbone_bench_knobs_profile_channels_last_and_variants(tmp_path: Path)
         assert summary["op_calls"] > 0 and summary["copy_ops"]["aten::copy_"] > 0 and summary["copy_bytes"] > 0
     # ZeRO-2 copies every gradient into its partition: more bytes than the plain engine's step.
     assert profiles[2]["profile"]["copy_bytes"] > profiles[0]["profile"]["copy_bytes"]
+    phases = profiles[2]["profile"]["phases"]
+    assert list(phases) == ["forward", "backward", "grad_norm", "step"] and all(
+        p["op_calls"] > 0 and p["cpu_ms"] > 0 for p in phases.values())
+    table = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "backbone", "table", str(out)],
+                           capture_output=True, text=True, timeout=60)
+    lines = table.stdout.splitlines()
+    assert table.returncode == 0 and len(lines) == 2 + 3, table.stdout + table.stderr
+    assert lines[2].startswith("| tiny | plain | bf16 |") and "| 1 |" in lines[2]  # its own reference
 
 
 def test_backbone_bench_config_helpers() -> None:

@@ -15,7 +15,9 @@ The knobs that test the hypotheses of docs/deepspeed.md ("The backbone benchmark
 * ``--channels-last``: channels_last images, and channels_last parameters for the plain engine only (DeepSpeed's
   flattening refuses them);
 * ``--profile N``: N more steps under ``torch.profiler`` after the timed ones; one summary line per row in
-  ``<out>.profile.jsonl`` (the ops that cost the most, the copies and casts, the bytes copied).
+  ``<out>.profile.jsonl`` (the ops that cost the most, the copies and casts, the bytes copied, by step phase).
+
+``python launch/bench.py backbone table rows.jsonl`` prints the rows (and their profiles) as a markdown table.
 
 Example (GPU)::
 
@@ -42,7 +44,7 @@ from typing import Any
 
 from offloadfr.train.bench_rows import emit_row, run_in_own_process
 
-__all__ = ["bench_one", "main", "ENGINES", "VARIANTS", "Variant", "ds_config_for", "profile_path",
+__all__ = ["bench_one", "main", "table", "ENGINES", "VARIANTS", "Variant", "ds_config_for", "profile_path",
            "summarise_profile"]
 
 ENGINES = {
@@ -367,10 +369,52 @@ def _parse_ds_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def table(rows_file: str) -> str:
+    """A markdown table of the rows in ``rows_file`` and, when it exists, of their profiles beside it.
+
+    ``vs plain`` is the row's ``step_ms_p50`` over that of the plain row with the same backbone, precision, optimizer
+    and channels_last (the issue's targets: at most 1.10 for ZeRO 0-2, 1.25 with CPU offload).
+    """
+    rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines() if line.strip()]
+    prof_file = profile_path(rows_file)
+    profiles = ([json.loads(line) for line in prof_file.read_text().splitlines() if line.strip()]
+                if prof_file.exists() else [])
+
+    def same(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["backbone"], r["precision"], r["optimizer"], r.get("channels_last", False)
+
+    plain = {same(r): r["step_ms_p50"] for r in rows if r["engine"] == "plain" and r["status"] == "ok"}
+    by_key = {(*same(p), p["engine"], p.get("step_ms_p50")): p["profile"] for p in profiles}
+    cols = ["backbone", "engine", "precision", "optimizer", "channels_last", "status", "step_ms_p50", "step_ms_min",
+            "vs plain", "peak_device_GiB", "peak_host_rss_GiB", "op calls", "fwd/bwd/norm/step op calls",
+            "copy_ calls", "copy_ MB", "syncs", "copy kernels ms"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        prof = by_key.get((*same(r), r["engine"], r.get("step_ms_p50")), {})
+        phases = prof.get("phases", {})
+        per_phase = " / ".join(f"{phases[k]['op_calls']:.0f}" for k in ("forward", "backward", "grad_norm", "step")
+                               if k in phases)
+        base = plain.get(same(r))
+        cells = {**r, "vs plain": r["step_ms_p50"] / base if base and "step_ms_p50" in r else "",
+                 "op calls": prof.get("op_calls", ""), "fwd/bwd/norm/step op calls": per_phase,
+                 "copy_ calls": prof.get("copy_ops", {}).get("aten::copy_", ""),
+                 "copy_ MB": prof["copy_bytes"] / 1e6 if "copy_bytes" in prof else "",
+                 "syncs": prof.get("syncs", ""), "copy kernels ms": prof.get("copy_kernel_ms", "")}
+        out = []
+        for c in cols:
+            v = cells.get(c, "")
+            out.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     """``backbone`` subcommand of launch/bench.py: one subprocess per (backbone, engine); prints JSON rows."""
     if argv and argv[0] == "_one":
         print(json.dumps(bench_one(json.loads(argv[1]))))
+        return 0
+    if argv and argv[0] == "table":  # bench.py backbone table rows.jsonl: markdown, with the profiles beside it
+        print(table(argv[1]))
         return 0
     names = list(ENGINES) + list(VARIANTS)
     p = argparse.ArgumentParser(prog="bench.py backbone", description=__doc__.splitlines()[0])
