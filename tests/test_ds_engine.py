@@ -249,6 +249,21 @@ def test_non_finite_gradient_is_seen_before_the_step_and_a_skipped_step_leaves_n
         ds.step(LR)  # DeepSpeed would skip it silently
 
 
+def test_offload_step_reads_the_device_a_few_times_not_once_per_parameter() -> None:
+    """Catches ZeRO-Offload's per-parameter device reads coming back: DeepSpeed 0.19.8 alone reads one scalar per
+    parameter tensor three times a step (backward's overflow flag, grad_norm, the norm in step); on a GPU each read
+    stalls the host. Parity of the replaced norm with the plain engine: test_zero2_trains_and_matches_the_plain_engine
+    and the NaN test above."""
+    ds = DeepSpeedEngine(_backbone(), SGD, DEVICE, ds_config=DS_DIR / "zero2_offload_cpu.json")
+    images, labels = _batches(1)[0]
+    _train_step(ds, images, labels)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _train_step(ds, images, labels)  # its loss.item() is one of the reads
+    reads = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    tensors = len(list(ds.model.parameters()))
+    assert reads <= 5 and tensors >= 10, (reads, tensors)
+
+
 def test_save_load_round_trip_restores_weights_and_optimizer_state(tmp_path: Path) -> None:
     """Catches a checkpoint that loses the AdamW moments or the step count (the next step then differs), and an
     offline consolidation that disagrees with the live engine's weights."""

@@ -195,10 +195,11 @@ def summarise_profile(prof: Any, steps: int, *, on_device: bool, top: int = 25) 
 
 
 def _by_phase(events: Any, per: float) -> dict[str, dict[str, float]]:
-    """Per step and per :data:`_PHASES` range: its CPU wall time, and the op calls, copies and bytes inside it."""
+    """Per step and per :data:`_PHASES` range: its CPU wall time, and the op calls, copies, bytes and scalar reads
+    inside it."""
     ranges = [(ev.name, ev.time_range.start, ev.time_range.end) for ev in events if ev.name in _PHASES]
-    out = {name.removeprefix("bench/"): {"cpu_ms": 0.0, "op_calls": 0.0, "copy_calls": 0.0, "copy_bytes": 0.0}
-           for name in _PHASES}
+    out = {name.removeprefix("bench/"): {"cpu_ms": 0.0, "op_calls": 0.0, "copy_calls": 0.0, "copy_bytes": 0.0,
+                                         "scalar_reads": 0.0} for name in _PHASES}
     for name, start, end in ranges:
         out[name.removeprefix("bench/")]["cpu_ms"] += (end - start) / 1e3 * per
     for ev in events:
@@ -213,6 +214,8 @@ def _by_phase(events: Any, per: float) -> dict[str, dict[str, float]]:
         if ev.name == "aten::copy_":
             slot["copy_calls"] += per
             slot["copy_bytes"] += _copied_bytes(ev) * per
+        elif ev.name == "aten::_local_scalar_dense":  # .item(), float(t), bool(t): a device sync on a GPU
+            slot["scalar_reads"] += per
     return out
 
 
@@ -387,7 +390,7 @@ def table(rows_file: str) -> str:
     by_key = {(*same(p), p["engine"], p.get("step_ms_p50")): p["profile"] for p in profiles}
     cols = ["backbone", "engine", "precision", "optimizer", "channels_last", "status", "step_ms_p50", "step_ms_min",
             "vs plain", "peak_device_GiB", "peak_host_rss_GiB", "op calls", "fwd/bwd/norm/step op calls",
-            "copy_ calls", "copy_ MB", "syncs", "copy kernels ms"]
+            "copy_ calls", "copy_ MB", "scalar reads", "syncs", "copy kernels ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         prof = by_key.get((*same(r), r["engine"], r.get("step_ms_p50")), {})
@@ -399,6 +402,7 @@ def table(rows_file: str) -> str:
                  "op calls": prof.get("op_calls", ""), "fwd/bwd/norm/step op calls": per_phase,
                  "copy_ calls": prof.get("copy_ops", {}).get("aten::copy_", ""),
                  "copy_ MB": prof["copy_bytes"] / 1e6 if "copy_bytes" in prof else "",
+                 "scalar reads": prof.get("copy_ops", {}).get("aten::_local_scalar_dense", 0) if prof else "",
                  "syncs": prof.get("syncs", ""), "copy kernels ms": prof.get("copy_kernel_ms", "")}
         out = []
         for c in cols:
