@@ -375,8 +375,8 @@ def _parse_ds_set(items: list[str]) -> dict[str, Any]:
 def table(rows_file: str) -> str:
     """A markdown table of the rows in ``rows_file`` and, when it exists, of their profiles beside it.
 
-    ``vs plain`` is the row's ``step_ms_p50`` over that of the plain row with the same backbone, precision, optimizer
-    and channels_last (the issue's targets: at most 1.10 for ZeRO 0-2, 1.25 with CPU offload).
+    ``vs plain`` is the row's ``step_ms_p50`` over that of the last plain row before it with the same backbone,
+    precision, optimizer and channels_last (the issue's targets: at most 1.10 for ZeRO 0-2, 1.25 with CPU offload).
     """
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines() if line.strip()]
     prof_file = profile_path(rows_file)
@@ -386,13 +386,15 @@ def table(rows_file: str) -> str:
     def same(r: dict[str, Any]) -> tuple[Any, ...]:
         return r["backbone"], r["precision"], r["optimizer"], r.get("channels_last", False)
 
-    plain = {same(r): r["step_ms_p50"] for r in rows if r["engine"] == "plain" and r["status"] == "ok"}
+    plain: dict[tuple[Any, ...], float] = {}
     by_key = {(*same(p), p["engine"], p.get("step_ms_p50")): p["profile"] for p in profiles}
     cols = ["backbone", "engine", "precision", "optimizer", "channels_last", "status", "step_ms_p50", "step_ms_min",
             "vs plain", "peak_device_GiB", "peak_host_rss_GiB", "op calls", "fwd/bwd/norm/step op calls",
             "copy_ calls", "copy_ MB", "scalar reads", "syncs", "copy kernels ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
+        if r["engine"] == "plain" and r["status"] == "ok":
+            plain[same(r)] = r["step_ms_p50"]
         prof = by_key.get((*same(r), r["engine"], r.get("step_ms_p50")), {})
         phases = prof.get("phases", {})
         per_phase = " / ".join(f"{phases[k]['op_calls']:.0f}" for k in ("forward", "backward", "grad_norm", "step")
@@ -407,7 +409,10 @@ def table(rows_file: str) -> str:
         out = []
         for c in cols:
             v = cells.get(c, "")
-            out.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+            if isinstance(v, float):
+                out.append(f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
+            else:
+                out.append(str(v))
         lines.append("| " + " | ".join(out) + " |")
     return "\n".join(lines)
 
