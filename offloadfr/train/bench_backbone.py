@@ -12,8 +12,8 @@ The knobs that test the hypotheses of docs/deepspeed.md ("The backbone benchmark
 * ``--engines``: the plain engine, the JSON files of :data:`ENGINES`, and the named :data:`VARIANTS` (a JSON plus
   a few DeepSpeed keys changed, or the engine's module called under our own autocast);
 * ``--ds-set KEY=VALUE``: more DeepSpeed keys for every DeepSpeed row (dotted path, JSON value, ``null`` removes);
-* ``--channels-last``: channels_last images, and channels_last parameters for the plain engine only (DeepSpeed's
-  flattening refuses them);
+* ``--channels-last``: channels_last images, and channels_last parameters for the plain engine only
+  (``deepspeed.initialize`` refuses them: it views each parameter as bytes);
 * ``--profile N``: N more steps under ``torch.profiler`` after the timed ones; one summary line per row in
   ``<out>.profile.jsonl`` (the ops that cost the most, the copies and casts, the bytes copied, by step phase).
 
@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import resource
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,13 @@ ENGINES = {
 """Engine configs the bench compares: ``plain`` (PyTorch optimizer) and the DeepSpeed JSONs (no NVMe: needs libaio)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Variant:
     """A DeepSpeed row that differs from one of :data:`ENGINES` in one thing (one hypothesis, docs/deepspeed.md)."""
 
     base: str
     """The :data:`ENGINES` entry it starts from."""
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Dotted DeepSpeed keys set on top of the base JSON; ``None`` removes the key."""
     forward: str = "engine"
     """``engine``: ``DeepSpeedEngine.forward`` (DeepSpeed's forward); ``module``: the engine's module called directly
@@ -195,13 +195,24 @@ def summarise_profile(prof: Any, steps: int, *, on_device: bool, top: int = 25) 
 
 
 def _by_phase(events: Any, per: float) -> dict[str, dict[str, float]]:
-    """Per step and per :data:`_PHASES` range: its CPU wall time, and the op calls, copies, bytes and scalar reads
-    inside it."""
-    ranges = [(ev.name, ev.time_range.start, ev.time_range.end) for ev in events if ev.name in _PHASES]
-    out = {name.removeprefix("bench/"): {"cpu_ms": 0.0, "op_calls": 0.0, "copy_calls": 0.0, "copy_bytes": 0.0,
-                                         "scalar_reads": 0.0} for name in _PHASES}
-    for name, start, end in ranges:
-        out[name.removeprefix("bench/")]["cpu_ms"] += (end - start) / 1e3 * per
+    """Per step and per :data:`_PHASES` range: its host wall time (``cpu_ms``), on a GPU the span of its device work
+    (``device_ms``, from the profiler's device-side copy of the range), and the op calls, copies, bytes and scalar
+    reads inside it."""
+    from torch.autograd import DeviceType
+
+    ranges, out = [], {}
+    for name in _PHASES:
+        out[name.removeprefix("bench/")] = {"cpu_ms": 0.0, "device_ms": 0.0, "op_calls": 0.0, "copy_calls": 0.0,
+                                            "copy_bytes": 0.0, "scalar_reads": 0.0}
+    for ev in events:
+        if ev.name not in _PHASES:
+            continue
+        span_ms = (ev.time_range.end - ev.time_range.start) / 1e3 * per
+        if ev.device_type == DeviceType.CPU:
+            ranges.append((ev.name, ev.time_range.start, ev.time_range.end))
+            out[ev.name.removeprefix("bench/")]["cpu_ms"] += span_ms
+        else:  # the range as the device ran it (gpu_user_annotation)
+            out[ev.name.removeprefix("bench/")]["device_ms"] += span_ms
     for ev in events:
         if not ev.name.startswith("aten::"):
             continue
@@ -239,7 +250,7 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     channels_last = spec.get("channels_last", False)
     model = build_backbone(spec["backbone"], embedding_size=spec["dim"], image_size=spec["image_size"]).to(device)
     if channels_last and name == "plain":
-        model = model.to(memory_format=torch.channels_last)  # DeepSpeed's flattening refuses these: inputs only
+        model = model.to(memory_format=torch.channels_last)  # deepspeed.initialize refuses these: inputs only
     train_cfg = TrainCfg(batch_size=spec["batch_size"], optimizer=spec["optimizer"], precision=spec["precision"],
                          grad_clip=5.0)
     autocast_dtype = resolve_precision(spec["precision"], device)
@@ -248,8 +259,6 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         ds_cfg = ds_config_for(name, spec.get("ds_set"))
         if variant.forward == "module":  # DeepSpeed in fp32; the autocast is ours (hypothesis 1)
-            import dataclasses
-
             train_cfg = dataclasses.replace(train_cfg, precision="fp32")
         engine = DeepSpeedEngine(model, train_cfg, device, ds_config=ds_cfg)
     size = spec["image_size"]
@@ -298,6 +307,8 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_host_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "params": sum(p.numel() for p in engine.model.parameters()),
     }
+    if name in VARIANTS:
+        row["hypothesis"] = variant.hypothesis
     if name != "plain":
         row["ds_config"] = engine.config  # as run: the JSON, the variant's keys, and what [train] filled in
         row["ds_optimizer"] = type(engine.ds.optimizer).__name__
@@ -316,9 +327,9 @@ def module_forward(engine: Any, images: Any, dtype: Any) -> Any:
     """Hypothesis 1: the DeepSpeed engine's module called directly, inside our own ``torch.autocast(dtype)``.
 
     ``DeepSpeedEngine.forward`` switches an outer autocast off (docs/deepspeed.md, Precision). Calling
-    ``engine.model`` (``ds.module``) skips that forward; what it would add for ZeRO 0-2 is bookkeeping that
-    ``engine.backward`` does as well (tests/test_bench.py checks the weights against DeepSpeed's own forward, step
-    for step). ZeRO-3 needs DeepSpeed's forward (it gathers the partitioned parameters there).
+    ``engine.model`` (``ds.module``) skips that forward; for ZeRO 0-2 on one process the step is the same
+    (tests/test_ds_engine.py checks the weights against DeepSpeed's own forward, bit for bit, and against the plain
+    engine's autocast; docs/deepspeed.md lists what DeepSpeed's forward does). Not for ZeRO-3.
     """
     import torch
 
@@ -372,6 +383,12 @@ def _parse_ds_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _per_phase(phases: dict[str, dict[str, float]], key: str) -> str:
+    """``phases[...][key]`` for forward / backward / grad_norm / step, as one table cell."""
+    return " / ".join(f"{phases[k].get(key, 0):.0f}" for k in ("forward", "backward", "grad_norm", "step")
+                      if k in phases)
+
+
 def table(rows_file: str) -> str:
     """A markdown table of the rows in ``rows_file`` and, when it exists, of their profiles beside it.
 
@@ -390,6 +407,7 @@ def table(rows_file: str) -> str:
     by_key = {(*same(p), p["engine"], p.get("step_ms_p50")): p["profile"] for p in profiles}
     cols = ["backbone", "engine", "precision", "optimizer", "channels_last", "status", "step_ms_p50", "step_ms_min",
             "vs plain", "peak_device_GiB", "peak_host_rss_GiB", "op calls", "fwd/bwd/norm/step op calls",
+            "host ms fwd/bwd/norm/step", "device ms fwd/bwd/norm/step",
             "copy_ calls", "copy_ MB", "scalar reads", "syncs", "copy kernels ms"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -397,11 +415,12 @@ def table(rows_file: str) -> str:
             plain[same(r)] = r["step_ms_p50"]
         prof = by_key.get((*same(r), r["engine"], r.get("step_ms_p50")), {})
         phases = prof.get("phases", {})
-        per_phase = " / ".join(f"{phases[k]['op_calls']:.0f}" for k in ("forward", "backward", "grad_norm", "step")
-                               if k in phases)
+
         base = plain.get(same(r))
         cells = {**r, "vs plain": r["step_ms_p50"] / base if base and "step_ms_p50" in r else "",
-                 "op calls": prof.get("op_calls", ""), "fwd/bwd/norm/step op calls": per_phase,
+                 "op calls": prof.get("op_calls", ""), "fwd/bwd/norm/step op calls": _per_phase(phases, "op_calls"),
+                 "host ms fwd/bwd/norm/step": _per_phase(phases, "cpu_ms"),
+                 "device ms fwd/bwd/norm/step": _per_phase(phases, "device_ms") if r.get("peak_device_GiB") else "",
                  "copy_ calls": prof.get("copy_ops", {}).get("aten::copy_", ""),
                  "copy_ MB": prof["copy_bytes"] / 1e6 if "copy_bytes" in prof else "",
                  "scalar reads": prof.get("copy_ops", {}).get("aten::_local_scalar_dense", 0) if prof else "",
