@@ -393,8 +393,10 @@ def _offload_without_per_parameter_reads(opt: Any) -> None:
         norms = [opt.norm_for_param_grads[i] for i in ids if i in opt.norm_for_param_grads]
         if norms:
             total = torch.stack([n.reshape(()) for n in norms]).double().pow(2).sum().reshape(1)
-        else:
-            total = torch.zeros(1, dtype=torch.float64)
+        else:  # no gradient in this rank's partition: it still joins the all-reduce, on the communication device
+            from deepspeed.accelerator import get_accelerator
+
+            total = torch.zeros(1, dtype=torch.float64, device=get_accelerator().current_device_name())
         ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=opt.dp_process_group)
         opt._model_parallel_all_reduce(tensor=total, op=ds_dist.ReduceOp.SUM)
         norm = total[0].sqrt().float()
