@@ -9,6 +9,7 @@ Legend: B = batch, D = embedding size, K = classes of the stand-in head (a leaf 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from torch import nn
 from offloadfr.config import EngineCfg, TrainCfg
 from offloadfr.errors import CheckpointError, ConfigError, NonFiniteError
 from offloadfr.models import build_backbone
+from offloadfr.train.bench_backbone import module_forward
 from offloadfr.train.ds_engine import (
     DeepSpeedEngine,
     build_engine,
@@ -151,6 +153,7 @@ def test_precision_mechanisms() -> None:
     ({"zero_force_ds_cpu_optimizer": True}, TrainCfg(), ("True", "False")),
     ({"bf16": {"enabled": True}}, TrainCfg(precision="fp32"), ("bf16.enabled", "train.precision = 'fp32'")),
     ({"scheduler": {"type": "WarmupLR"}}, TrainCfg(), ("scheduler", "train.scheduler")),
+    ({"zero_optimization": {"stage": 2, "zenflow": {"overlap_step": True}}}, TrainCfg(), ("zenflow", "2-D")),
 ])
 def test_json_value_that_disagrees_with_the_run_config_is_a_config_error(
         json_cfg: dict[str, object], train: TrainCfg, named: tuple[str, str]) -> None:
@@ -246,6 +249,21 @@ def test_non_finite_gradient_is_seen_before_the_step_and_a_skipped_step_leaves_n
         ds.step(LR)  # DeepSpeed would skip it silently
 
 
+def test_offload_step_reads_the_device_a_few_times_not_once_per_parameter() -> None:
+    """Catches ZeRO-Offload's per-parameter device reads coming back: DeepSpeed 0.19.8 alone reads one scalar per
+    parameter tensor three times a step (backward's overflow flag, grad_norm, the norm in step); on a GPU each read
+    stalls the host. Parity of the replaced norm with the plain engine: test_zero2_trains_and_matches_the_plain_engine
+    and the NaN test above."""
+    ds = DeepSpeedEngine(_backbone(), SGD, DEVICE, ds_config=DS_DIR / "zero2_offload_cpu.json")
+    images, labels = _batches(1)[0]
+    _train_step(ds, images, labels)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _train_step(ds, images, labels)  # its loss.item() is one of the reads
+    reads = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    tensors = len(list(ds.model.parameters()))
+    assert reads <= 5 and tensors >= 10, (reads, tensors)
+
+
 def test_save_load_round_trip_restores_weights_and_optimizer_state(tmp_path: Path) -> None:
     """Catches a checkpoint that loses the AdamW moments or the step count (the next step then differs), and an
     offline consolidation that disagrees with the live engine's weights."""
@@ -318,6 +336,44 @@ def test_bf16_autocast_matches_the_plain_engine_and_native_bf16_leaves_head_grad
         assert grad_n.norm().item() == pytest.approx(grad_p.norm().item(), rel=0.05)
         assert F.cosine_similarity(grad_n.flatten(), grad_p.flatten(), dim=0).item() > 0.99
     assert all(v.dtype != torch.bfloat16 for v in native.consolidated_state_dict().values())
+
+
+class _ModuleUnderOwnAutocast:
+    """The bench's hypothesis-1 variant (``*_module``): the engine's module called directly under our autocast."""
+
+    def __init__(self, engine: DeepSpeedEngine, dtype: torch.dtype) -> None:
+        self.engine, self.dtype = engine, dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return module_forward(self.engine, images, self.dtype)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.engine, name)
+
+
+@pytest.mark.parametrize("json_name", ["zero0.json", "zero2_offload_cpu.json"])
+def test_module_called_directly_trains_like_the_engine_forward(json_name: str) -> None:
+    """Hypothesis 1 (docs/deepspeed.md): skipping DeepSpeed's forward and calling its module under our own autocast
+    is a sound step for ZeRO 0-2 on one process. Catches DeepSpeed's forward doing something the step needs (the
+    ZeRO-2 gradient hooks' bookkeeping): the fp32 weights would then differ from a run through ``engine.forward``
+    (they must be equal bit for bit); and the bf16 module path drifting from the plain engine's autocast."""
+    base = _backbone()
+    through_forward = DeepSpeedEngine(copy.deepcopy(base), SGD, DEVICE, ds_config=DS_DIR / json_name)
+    direct = _ModuleUnderOwnAutocast(DeepSpeedEngine(copy.deepcopy(base), SGD, DEVICE, ds_config=DS_DIR / json_name),
+                                     torch.float32)
+    bf16 = TrainCfg(batch_size=B, optimizer="sgd", lr=LR, grad_clip=1.0, precision="bf16")
+    plain = PlainEngine(copy.deepcopy(base), bf16, DEVICE)
+    fp32_engine = DeepSpeedEngine(copy.deepcopy(base), dataclasses.replace(bf16, precision="fp32"), DEVICE,
+                                  ds_config=DS_DIR / json_name)
+    direct_bf16 = _ModuleUnderOwnAutocast(fp32_engine, torch.bfloat16)
+    for images, labels in _batches(3):
+        assert _train_step(direct, images, labels)[0] == _train_step(through_forward, images, labels)[0]
+        loss_p, _, grad_p = _train_step(plain, images, labels)
+        loss_d, _, grad_d = _train_step(direct_bf16, images, labels)
+        assert loss_d == pytest.approx(loss_p, rel=1e-5)
+        torch.testing.assert_close(grad_d, grad_p, rtol=1e-4, atol=1e-6)
+    assert _max_diff(direct.engine.consolidated_state_dict(), through_forward.consolidated_state_dict()) == 0.0
+    assert _max_diff(direct_bf16.engine.consolidated_state_dict(), plain.model.state_dict()) < 1e-5
 
 
 def test_engine_builds_again_after_the_process_group_was_destroyed() -> None:

@@ -205,6 +205,13 @@ def resolve_ds_config(raw: dict[str, Any], train: TrainCfg, *, world_size: int, 
           "ZeRO refuses torch SGD without it: remove the key")
     _fill(cfg, "zero_force_ds_cpu_optimizer", False, "offloadfr's torch optimizers", source,
           "ZeRO-Offload would refuse the torch optimizer: remove the key")
+    if "zenflow" in (cfg.get("zero_optimization") or {}):
+        # Measured with DeepSpeed 0.19.8 on the CPU (docs/deepspeed.md, hypothesis 5): ZenFlow's device-side optimizer
+        # is AdamW (SGD fails), it needs DeepSpeed's CPU Adam (not torch's), and its column selection handles 1-D and
+        # 2-D weights only: an iresnet's 4-D convolution weight fails in the first backward.
+        raise ConfigError(f"{source}: zero_optimization.zenflow does not train offloadfr's backbones (DeepSpeed's "
+                          "ZenFlow updates AdamW only and selects columns of 2-D weights, not convolutions); remove "
+                          "the zenflow section")
     if "scheduler" in cfg:
         raise ConfigError(f"{source}: has a 'scheduler' section, but the learning rate follows train.scheduler "
                           "(the engine sets it every step); remove the section")
@@ -356,6 +363,48 @@ def _check_aio(source: str) -> None:
                           "(apt install libaio-dev) or use ds_configs/deepspeed/zero2_offload_cpu.json")
 
 
+def _offload_without_per_parameter_reads(opt: Any) -> None:
+    """ZeRO-Offload's per-step checks without one device-to-host read per parameter (a no-op for other optimizers).
+
+    DeepSpeed 0.19.8's ``DeepSpeedZeroOptimizer`` with ``offload_optimizer`` reads one scalar per parameter tensor
+    back from the device three times a step (``.item()`` or ``bool()``): in backward for an overflow flag, and for
+    the gradient norm in :meth:`DeepSpeedEngine.grad_norm` and again in DeepSpeed's ``step`` (iresnet50 at 32 px
+    on the CPU: 713 reads a step; docs/benchmarks/backbone_cpu-2core_202611.md). On a GPU each read waits for the
+    device, so the host cannot queue work ahead. This replaces, on this optimizer object only:
+
+    * ``update_offload_overflow_tracker`` by nothing when ``check_grad_overflow`` is off (fp32 and bf16; offloadfr
+      refuses fp16): its flag, ``local_overflow``, is read only by ``has_overflow``, which ``step`` calls only when
+      ``check_grad_overflow`` is on. A non-finite gradient is still caught: the norm below is -1 (DeepSpeed's
+      sentinel), :meth:`DeepSpeedEngine.grad_norm` reports ``inf`` and DeepSpeed's ``step`` skips the update.
+    * ``complete_grad_norm_calculation_for_cpu_offload`` by the same sum of the squared per-parameter norms that
+      DeepSpeed kept from backward, taken on the device in float64 and all-reduced over the data-parallel group as
+      DeepSpeed does, then moved to ``opt.device`` (the CPU under offload) once.
+    """
+    from deepspeed import comm as ds_dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(opt, DeepSpeedZeroOptimizer) or not opt.cpu_offload:
+        return
+    if not opt.check_grad_overflow:
+        opt.update_offload_overflow_tracker = lambda grad: None
+
+    def grad_norm_for_cpu_offload(params: list[torch.Tensor]) -> torch.Tensor:
+        ids = [opt.get_param_id(p) for p in params]
+        norms = [opt.norm_for_param_grads[i] for i in ids if i in opt.norm_for_param_grads]
+        if norms:
+            total = torch.stack([n.reshape(()) for n in norms]).double().pow(2).sum().reshape(1)
+        else:  # no gradient in this rank's partition: it still joins the all-reduce, on the communication device
+            from deepspeed.accelerator import get_accelerator
+
+            total = torch.zeros(1, dtype=torch.float64, device=get_accelerator().current_device_name())
+        ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=opt.dp_process_group)
+        opt._model_parallel_all_reduce(tensor=total, op=ds_dist.ReduceOp.SUM)
+        norm = total[0].sqrt().float()
+        return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, -1.0)).to(opt.device)
+
+    opt.complete_grad_norm_calculation_for_cpu_offload = grad_norm_for_cpu_offload
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The engine.
 
@@ -411,6 +460,7 @@ class DeepSpeedEngine:
                                                   config=copy.deepcopy(self.config))
         self.ds = ds_engine
         """The ``deepspeed.DeepSpeedEngine``."""
+        _offload_without_per_parameter_reads(ds_engine.optimizer)
         self.model: nn.Module = ds_engine.module
         self.zero_stage = int(ds_engine.zero_optimization_stage())
         self.input_dtype = torch.bfloat16 if ds_engine.bfloat16_enabled() else torch.float32
