@@ -333,8 +333,8 @@ class BankCfg:
     """nvme tier: blocks the RAM working set may hold."""
     io_threads: int = _field(0, ge=0)
     """Threads that load (read or initialise) the blocks one bank call misses, in parallel: the nvme tier's cache
-    misses and the ram tier's first touch of a block. 0 = one per CPU core, at most 8; 1 = one at a time on the
-    calling thread (the prefetcher's)."""
+    misses and the ram tier's first touch of a block. 0 = one per CPU core, the cores shared by the run's processes on
+    the machine, at most 8; 1 = one at a time on the calling thread (the prefetcher's)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -7,6 +7,7 @@ blocks and evicts blocks, dirty ones included, while the I/O pool is loading the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -16,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from offloadfr.bank import ZarrBank
+from offloadfr.bank import ZarrBank, open_bank
 from offloadfr.bank.base import ClassBank
 from offloadfr.bank.init import _COL_BITS, _GAMMA, _TWO_PI_2_32, _seed_key, initial_rows_np
 from offloadfr.bank.testing import BankContract
 from offloadfr.bank.zarr_bank import default_io_threads
-from offloadfr.config import load_config
+from offloadfr.config import BankCfg, load_config
 from offloadfr.errors import BankError, ConfigError, DiskFullError
 
 from .test_diskfull import full_disk  # noqa: F401  (the fixture that makes writes under a directory fail: ENOSPC)
@@ -229,9 +230,15 @@ def test_io_threads_validation_and_default(tmp_path: Path) -> None:
         info.value)
     assert load_config(None, ["bank.io_threads=3"]).bank.io_threads == 3
     assert 1 <= default_io_threads() <= 8
+    assert default_io_threads(processes=1000) == 1  # W processes on one machine share its cores
+    assert default_io_threads(processes=2) == max(1, min(8, len(os.sched_getaffinity(0)) // 2))
     bank = _create(tmp_path / "auto", "ram", 0)
     assert bank.io_threads == default_io_threads()
     bank.close()
+    shared = open_bank(BankCfg(tier="nvme"), path=tmp_path / "shared", num_classes=N, dim=D, arrays=("centers",),
+                       head_kind="partial_fc", num_processes=4, processes_per_host=4)
+    assert shared.io_threads == default_io_threads(processes=4)  # the run's 4 processes on this machine
+    shared.close()
 
 
 # ---------------------------------------------------------------------------------------------- initialiser

@@ -190,10 +190,11 @@ class _Loads:
         self._started.clear()
 
 
-def default_io_threads() -> int:
-    """``io_threads = 0``: the CPU cores this process may run on, at most 8."""
+def default_io_threads(processes: int = 1) -> int:
+    """``io_threads = 0``: the CPU cores this process may run on, shared by the ``processes`` of the run on this
+    machine (each has its own bank and pool), at most 8 and at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(_MAX_AUTO_IO_THREADS, cores))
+    return max(1, min(_MAX_AUTO_IO_THREADS, cores // max(processes, 1)))
 
 
 def _check_tier(tier: str, cache_blocks: int, io_threads: int = 0) -> None:
@@ -874,7 +875,8 @@ def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, d
         num_processes: the ranks that share the bank; with the ram tier each holds about N / num_processes ids
             (``ZarrBank.hold_rows``).
         processes_per_host: the ranks on this machine; the ram tier's host-memory check counts all of their shares
-            (every rank checks before any of them allocates, so each must count the others on its host).
+            (every rank checks before any of them allocates, so each must count the others on its host), and
+            ``bank.io_threads = 0`` shares the cores among them (:func:`default_io_threads`).
 
     Returns:
         The open bank.
@@ -883,15 +885,16 @@ def open_bank(cfg: BankCfg, *, path: str | os.PathLike[str], num_classes: int, d
         BankError: an existing bank's num_classes, dim, arrays or head_kind differ from the run's (the message names
             the field, both values and the fix), or the bank cannot be created or opened.
     """
+    on_host = min(max(processes_per_host, 1), num_processes)
+    io_threads = cfg.io_threads or default_io_threads(on_host)
     if cfg.tier == "ram":
-        on_host = min(max(processes_per_host, 1), num_processes)
         check_ram_fits(num_classes=math.ceil(num_classes / num_processes) * on_host, dim=dim, num_arrays=len(arrays),
                        processes=on_host)
     if not (Path(path) / "zarr.json").exists():
         return ZarrBank.create(path, num_classes=num_classes, dim=dim, arrays=arrays, head_kind=head_kind,
                                chunk_rows=cfg.chunk_rows, seed=cfg.seed, init_std=cfg.init_std, tier=cfg.tier,
-                               cache_blocks=cfg.cache_blocks, io_threads=cfg.io_threads)
-    bank = ZarrBank.open(path, tier=cfg.tier, cache_blocks=cfg.cache_blocks, io_threads=cfg.io_threads)
+                               cache_blocks=cfg.cache_blocks, io_threads=io_threads)
+    bank = ZarrBank.open(path, tier=cfg.tier, cache_blocks=cfg.cache_blocks, io_threads=io_threads)
     wanted = {"num_classes": num_classes, "dim": dim, "arrays": tuple(arrays), "head_kind": head_kind}
     found = {"num_classes": bank.num_classes, "dim": bank.dim, "arrays": bank.arrays, "head_kind": bank.head_kind}
     for field, value in wanted.items():
