@@ -305,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8], help="bank.io_threads values")
     p.add_argument("--tiers", nargs="+", choices=["nvme", "ram"], default=["nvme", "ram"])
-    p.add_argument("--sources", nargs="+", choices=["init", "zarr"], default=["init", "zarr"])
+    p.add_argument("--sources", nargs="+", choices=["init", "zarr", "zarr_api"], default=["init", "zarr"],
+                   help="init: fresh blocks; zarr: stored blocks as the bank reads them (chunk files); zarr_api: the "
+                        "same through Zarr's array API")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--bank-dir", default="", help="where the temporary banks are made")
     p.add_argument("--out", help="append the JSON rows to this file")

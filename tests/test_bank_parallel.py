@@ -293,12 +293,48 @@ def test_bank_bench_rows(tmp_path: Path) -> None:
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "bank", "--num-blocks", "6", "--block-rows",
                            "8", "--dim", "8", "--threads", "1", "3", "--rounds", "2", "--bank-dir", str(tmp_path),
-                           "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+                           "--sources", "init", "zarr", "zarr_api", "--out", str(out)], capture_output=True, text=True,
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((r["source"], r["tier"], r["io_threads"]) for r in rows) == sorted(
-        (s, t, n) for s in ("init", "zarr") for t in ("nvme", "ram") for n in (1, 3))
+        (s, t, n) for s in ("init", "zarr", "zarr_api") for t in ("nvme", "ram") for n in (1, 3))
     for row in rows:
         assert row["status"] == "ok" and row["ms_median"] > 0 and row["cpu_per_wall"] > 0 and row["env"]["python"]
         assert row["speedup_vs_1_thread"] == 1.0 if row["io_threads"] == 1 else row["speedup_vs_1_thread"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]  # the temporary banks are gone
+
+
+# ---------------------------------------------------------------------------------------------- raw chunk reads
+def test_chunk_files_read_directly_equal_zarr_reads(tmp_path: Path) -> None:
+    """Catches a direct chunk-file read (the fast path of block loads) that differs from Zarr's own read of the same
+    block: the last block is partial (203 ids in blocks of 8), some blocks come from the journal (nvme evictions), some
+    from the main arrays, some from the initialiser."""
+    bank = _create(tmp_path / "bank", "nvme", 2, cache_blocks=2)
+    assert bank._raw_chunks  # noqa: SLF001 - the layout ZarrBank.create writes is the raw one
+    bank.write_rows(torch.arange(0, N, 2), torch.randn(len(range(0, N, 2)), D), "centers")
+    bank.flush(1)
+    bank.write_rows(torch.arange(3, N, 5), torch.randn(len(range(3, N, 5)), D), "momentum")  # evicted: journal
+    ids = torch.arange(N)
+    direct = {a: bank.read_rows(ids, a) for a in ARRAYS}
+    bank._raw_chunks = False  # noqa: SLF001 - the Zarr path, for the reference
+    bank._reset_memory()  # noqa: SLF001 - read every block again
+    assert bank.stats()["bank/blocks_loaded"] > 0
+    for a in ARRAYS:
+        assert torch.equal(bank.read_rows(ids, a), direct[a]), a
+    bank.close()
+
+
+def test_only_the_raw_layout_is_read_directly(tmp_path: Path) -> None:
+    """Catches the direct read applied to chunks whose bytes are not the rows (a compressed or big-endian array)."""
+    import zarr
+    from zarr.codecs import BytesCodec
+
+    from offloadfr.bank.zarr_bank import _is_raw_layout
+
+    group = zarr.open_group(tmp_path / "g", mode="w")
+    raw = group.create_array("raw", shape=(16, D), chunks=(8, D), dtype="float32", compressors=None, filters=None)
+    packed = group.create_array("packed", shape=(16, D), chunks=(8, D), dtype="float32")  # zarr's default: zstd
+    big = group.create_array("big", shape=(16, D), chunks=(8, D), dtype="float32", compressors=None, filters=None,
+                             serializer=BytesCodec(endian="big"))
+    assert _is_raw_layout(raw) and not _is_raw_layout(packed) and not _is_raw_layout(big)
