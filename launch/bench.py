@@ -52,7 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from offloadfr.train.bench_rows import emit_row  # noqa: E402 - after the path setup
+from offloadfr.train.bench_rows import emit_row, markdown_table  # noqa: E402 - after the path setup
 
 
 def _versions() -> dict[str, str]:
@@ -230,14 +230,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
         cols = ["num_slots", "variant", "fused", "status", "step_ms_p50", "step_ms_p90", "logits_ms_p50",
                 "loss_ms_p50", "backward_ms_p50", "update_ms_p50", "peak_device_GiB", "loss_rel_diff",
                 "grad_emb_rel_diff", "update_rel_diff"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for row in rows:
-        cells = []
-        for c in cols:
-            v = row.get(c, "")
-            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
-        print("| " + " | ".join(cells) + " |")
+    print("\n".join(markdown_table(cols, rows)))
     return 0
 
 

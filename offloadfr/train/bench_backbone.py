@@ -42,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from offloadfr.train.bench_rows import emit_row, run_in_own_process
+from offloadfr.train.bench_rows import emit_row, markdown_table, run_in_own_process
 
 __all__ = ["bench_one", "main", "table", "ENGINES", "VARIANTS", "Variant", "ds_config_for", "profile_path",
            "summarise_profile"]
@@ -409,7 +409,7 @@ def table(rows_file: str) -> str:
             "vs plain", "peak_device_GiB", "peak_host_rss_GiB", "op calls", "fwd/bwd/norm/step op calls",
             "host ms fwd/bwd/norm/step", "device ms fwd/bwd/norm/step",
             "copy_ calls", "copy_ MB", "scalar reads", "syncs", "copy kernels ms"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table_rows = []
     for r in rows:
         if r["engine"] == "plain" and r["status"] == "ok":
             plain[same(r)] = r["step_ms_p50"]
@@ -425,15 +425,8 @@ def table(rows_file: str) -> str:
                  "copy_ MB": prof["copy_bytes"] / 1e6 if "copy_bytes" in prof else "",
                  "scalar reads": prof.get("copy_ops", {}).get("aten::_local_scalar_dense", 0) if prof else "",
                  "syncs": prof.get("syncs", ""), "copy kernels ms": prof.get("copy_kernel_ms", "")}
-        out = []
-        for c in cols:
-            v = cells.get(c, "")
-            if isinstance(v, float):
-                out.append(f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
-            else:
-                out.append(str(v))
-        lines.append("| " + " | ".join(out) + " |")
-    return "\n".join(lines)
+        table_rows.append(cells)
+    return "\n".join(markdown_table(cols, table_rows, fmt=lambda v: f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"))
 
 
 def main(argv: list[str]) -> int:

@@ -50,6 +50,7 @@ from typing import Any
 
 from offloadfr.config import Config, HeadCfg, LossCfg, load_config
 from offloadfr.errors import OffloadFRError
+from offloadfr.train.bench_rows import markdown_table
 
 __all__ = ["HEAD_NEEDS", "DEFAULT_MARGINS", "head_kinds", "margin_kinds", "plan_configs", "read_rows", "render_table",
            "main"]
@@ -273,8 +274,7 @@ def render_table(rows: list[dict[str, Any]], machine: str) -> str:
     lines += ["```", ""]
     cols = ["config", "head", "margin", "sampler", "accuracy ± std", "TAR@FAR=1e-2", "step ms (mean)",
             "peak host RSS GiB", "peak device GiB", "images seen", "images decoded", "steps", "wall s", "status"]
-    lines.append("| " + " | ".join(cols) + " |")
-    lines.append("|" + "---|" * len(cols))
+    cells_of_rows = []
     for r in newest.values():
         acc = f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}" if r.get("status") == "ok" else ""
         cells = [r["name"], r["head"], r["margin"], r["sampler"], acc, _fmt(r.get("tar_at_far_1e-2")),
@@ -282,7 +282,8 @@ def render_table(rows: list[dict[str, Any]], machine: str) -> str:
                  _fmt(r.get("peak_device_reserved_GiB"), ".2f"), _fmt(r["images_seen"], "d"),
                  _fmt(r["images_decoded"], "d"), _fmt(r["steps"], "d"), _fmt(r.get("wall_s"), ".0f"),
                  r["status"] + (f": {r['error']}" if "error" in r else "")]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_of_rows.append(dict(zip(cols, cells, strict=True)))
+    lines += markdown_table(cols, cells_of_rows)  # every cell is already text
     lines += ["", "Overrides of each configuration (`--set`, on top of the config and of the commands' `--set`):", ""]
     for r in newest.values():
         loss = ", ".join(f"{k} {v}" for k, v in r.get("loss_cfg", {}).items())

@@ -1,6 +1,6 @@
-"""What the process-per-configuration benchmarks share (``bench.py backbone`` and ``bench.py train``): run one
-configuration in its own Python process, so that its peak host and device memory are its own, and print and append
-its JSON row."""
+"""What the benchmarks share: run one configuration in its own Python process, so that its peak host and device
+memory are its own (``bench.py backbone`` and ``bench.py train``), print and append its JSON row, and render rows as
+a markdown table (every ``bench.py`` table)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_in_own_process", "emit_row"]
+__all__ = ["run_in_own_process", "emit_row", "markdown_table"]
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout, so the child imports this offloadfr
 
@@ -40,3 +41,18 @@ def emit_row(row: dict[str, Any], out: str | None) -> None:
     if out:
         with open(out, "a") as fh:
             fh.write(line + "\n")
+
+
+def _three_digits(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Mapping[str, Any]],
+                   fmt: Callable[[float], str] = _three_digits) -> list[str]:
+    """The lines of a markdown table: the header, the separator, then one line per row with its ``columns`` (a
+    missing cell is empty, a float goes through ``fmt``, anything else through ``str``)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [fmt(v) if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offloadfr.train.bench_rows import emit_row, run_in_own_process
+from offloadfr.train.bench_rows import emit_row, markdown_table, run_in_own_process
 
 __all__ = ["bench_one", "main", "make_labels", "table", "LABEL_ORDERS", "BACKBONE_ONLY", "TABLE_COLUMNS"]
 
@@ -407,11 +407,7 @@ TABLE_COLUMNS = ("head", "num_classes", "labels", "engine", "status", "images_pe
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of train rows (:data:`TABLE_COLUMNS`; floats to 3 significant digits)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-    for row in rows:
-        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in TABLE_COLUMNS)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(markdown_table(TABLE_COLUMNS, rows))
 
 
 def main(argv: list[str]) -> int:
