@@ -73,15 +73,16 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
         _check_one_positive(count_B, allow_unlabelled)
 
         prob_BC = exp_BC.div_(sum_exp_B[:, None])
+        divisor: int | torch.Tensor = num_rows  # the rows the loss is the mean over
         if allow_unlabelled:  # rows whose positive is on no rank take no part: the mean over the labelled rows
             labelled_B = (count_B > 0).to(dtype)
-            num_labelled = labelled_B.sum().clamp(min=1)
-            loss = ((sum_exp_B.log() - pos_B) * labelled_B).sum() / num_labelled
+            divisor = labelled_B.sum().clamp(min=1)  # a device scalar: no host synchronisation
+            loss = ((sum_exp_B.log() - pos_B) * labelled_B).sum() / divisor
             prob_BC.mul_(labelled_B[:, None])
         else:
-            num_labelled = torch.tensor(float(num_rows), dtype=dtype, device=x_BC.device)
             loss = (sum_exp_B.log() - pos_B).mean()
-        ctx.save_for_backward(prob_BC, col_B1, has_pos_B, num_labelled)
+        ctx.save_for_backward(prob_BC, col_B1, has_pos_B)
+        ctx.divisor = divisor
         ctx.in_dtype = logits_BC.dtype
         ctx.used = False
         return loss
@@ -92,9 +93,9 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
             # The softmax buffer is turned into the gradient in place; a second backward would read garbage.
             raise RuntimeError("sharded_softmax_cross_entropy does not support a second backward (retain_graph=True)")
         ctx.used = True
-        prob_BC, col_B1, has_pos_B, num_labelled = ctx.saved_tensors
+        prob_BC, col_B1, has_pos_B = ctx.saved_tensors
         grad_BC = prob_BC.scatter_add_(1, col_B1, -has_pos_B.to(prob_BC.dtype).unsqueeze(1))  # softmax - onehot
-        grad_BC.mul_(grad_out / num_labelled)
+        grad_BC.mul_(grad_out / ctx.divisor)
         return grad_BC.to(ctx.in_dtype), None, None, None
 
 

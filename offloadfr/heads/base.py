@@ -42,7 +42,8 @@ __all__ = ["Head", "HeadDeps", "HEADS", "register_head", "build_head", "sgd_rows
            "partitioned_loss", "gather_partitioned_rows", "keep_global_rows_in_state", "MULTI_PROCESS_HEADS"]
 
 MULTI_PROCESS_HEADS = ("fc", "partial_fc", "dcp", "attfc", "vfc")
-"""Heads that partition their class ids over ranks (docs/distributed.md says why the others do not)."""
+"""Heads that run on W > 1 processes: ``fc``, ``partial_fc`` and ``vfc`` partition their ids (``vfc``: its anchors) over
+the ranks, ``dcp`` and ``attfc`` are data parallel (docs/distributed.md, which also says why ``pfc_dense`` is not)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +60,8 @@ class HeadDeps:
         bank_path: the resolved Zarr directory of the bank.
         rank: this process's rank; the head owns a contiguous range of ids (``dist.ClassPartition``).
         world_size: W, the number of training processes; 1 is the plain path (no collective).
-        processes_per_host: the training processes on this machine, which share its host memory (the ram tier's
-            memory check counts all of their shares).
+        processes_per_host: the training processes on this machine, which share its host memory and cores (the ram
+            tier's memory check counts all of their shares; ``bank.io_threads = 0`` divides the cores among them).
         backbone: the trained backbone (the query encoder), for heads with an EMA twin (``attfc`` copies it as its
             key encoder, ``dcp`` as its gallery net, and both read its parameters after each step); None when the
             head needs none.

@@ -53,7 +53,6 @@ class TwinHead(Head):
         if deps.world_size > 1 and bank_negatives:
             raise ConfigError(f"head.kind = {kind!r} with head.bank_negatives = {bank_negatives} on {deps.world_size} "
                               "processes: bank mode runs on one process; set head.bank_negatives = 0 or launch 1")
-        self.world_size = deps.world_size
         self.margin = deps.margin
         self.precision = deps.precision
         self.__dict__["trained_net"] = deps.backbone  # a reference, not a submodule: not in this head's state
@@ -76,10 +75,8 @@ class TwinHead(Head):
 
     def from_all_ranks(self, centers_nD: torch.Tensor, labels_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated centers and their labels of every rank, in rank order (no gradient); on one process this rank's
-        own. Every rank calls it at the same point of each step. Ranks have equal batches (the loader's drop_last),
-        so their parts have equal sizes."""
-        if self.world_size == 1:
-            return centers_nD, labels_n
+        own (the collectives' plain path). Every rank calls it at the same point of each step. Ranks have equal
+        batches (the loader's drop_last), so their parts have equal sizes."""
         return all_gather_rows(centers_nD.detach().contiguous()), all_gather_labels(labels_n.contiguous())
 
     def with_bank_metrics(self, last: dict[str, torch.Tensor]) -> dict[str, float]:
