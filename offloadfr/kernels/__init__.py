@@ -207,8 +207,8 @@ def update_rows_(w_KD: torch.Tensor, m_KD: torch.Tensor, grad_AD: torch.Tensor, 
         lr: the learning rate.
         momentum: the momentum factor.
         weight_decay: L2 factor added to the gradient.
-        kernel: ``"torch"``, the plain reference (gather the rows, :func:`sgd_rows_`, scatter them back: ~17 passes
-            over A×D; with no slots :func:`sgd_rows_` in place, ~8), or ``"triton"``, one fused pass
+        kernel: ``"torch"``, the plain reference (gather the rows, :func:`sgd_rows_`, scatter them back: 19 passes
+            over A×D; with no slots :func:`sgd_rows_` in place, 11), or ``"triton"``, one fused pass
             (:func:`offloadfr.kernels.row_sgd.fused_row_sgd_`: read w, m and g once, write w and m once).
     """
     if kernel == "triton":

@@ -159,8 +159,7 @@ class AdaSin(Margin):
                 mod_B = (self.t.to(cos_BC.dtype) + self.h * half_angle_sin(row_cos_B)).unsqueeze(1)  # Φ per row
                 hard_BC = row_has_pos_B.unsqueeze(1).expand_as(cos_BC).clone()
                 if self.negatives == "hard":
-                    row_t_B = t_B if self.sum_over_processes is None else self.target_cos(row_cos_B)
-                    hard_BC &= cos_BC > row_t_B.unsqueeze(1)
+                    hard_BC &= cos_BC > self.target_cos(row_cos_B).unsqueeze(1)  # T of each row's positive
                 # the positive column is never a negative; a row whose positive another process holds has col_B1 = 0,
                 # a negative like the others
                 hard_BC.scatter_(1, col_B1, hard_BC.gather(1, col_B1) & ~has_pos_B.unsqueeze(1))

@@ -42,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from offloadfr.train.bench_rows import emit_row, markdown_table, run_in_own_process
+from offloadfr.train.bench_rows import device_name, emit_row, markdown_table, run_in_own_process
 
 __all__ = ["bench_one", "main", "table", "ENGINES", "VARIANTS", "Variant", "ds_config_for", "profile_path",
            "summarise_profile"]
@@ -302,7 +302,7 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
             times_ms.append((time.perf_counter() - t0) * 1e3)
     times_ms.sort()
     row: dict[str, Any] = {
-        "bench": "backbone", "status": "ok", **spec, "device_name": _device_name(device),
+        "bench": "backbone", "status": "ok", **spec, "device_name": device_name(device),
         "step_ms_p50": times_ms[len(times_ms) // 2], "step_ms_min": times_ms[0], "step_ms_max": times_ms[-1],
         "peak_host_rss_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "params": sum(p.numel() for p in engine.model.parameters()),
@@ -357,16 +357,6 @@ def _profile(one_step: Any, steps: int, device: Any) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     return {**summarise_profile(prof, steps, on_device=device.type == "cuda"), "step_ms_profiled": wall_ms}
-
-
-def _device_name(device: Any) -> str:
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return str(torch.cuda.get_device_name(device))
-    return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def _parse_ds_set(items: list[str]) -> dict[str, Any]:

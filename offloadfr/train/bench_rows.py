@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_in_own_process", "emit_row", "markdown_table"]
+__all__ = ["run_in_own_process", "emit_row", "markdown_table", "device_name"]
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout, so the child imports this offloadfr
 
@@ -56,3 +56,14 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Mapping[str, Any]],
         cells = [fmt(v) if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def device_name(device: Any) -> str:
+    """What a row names as its machine: the GPU's name, or the CPU and the threads torch uses on it."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"

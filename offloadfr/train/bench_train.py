@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offloadfr.train.bench_rows import emit_row, markdown_table, run_in_own_process
+from offloadfr.train.bench_rows import device_name, emit_row, markdown_table, run_in_own_process
 
 __all__ = ["bench_one", "main", "make_labels", "table", "LABEL_ORDERS", "BACKBONE_ONLY", "TABLE_COLUMNS"]
 
@@ -368,18 +368,8 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
     if device.type == "cuda":
         row["peak_device_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
         row["peak_device_reserved_GiB"] = torch.cuda.max_memory_reserved(device) / 2**30
-    row["device_name"] = _device_name(device)
+    row["device_name"] = device_name(device)
     return row
-
-
-def _device_name(device: Any) -> str:
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return str(torch.cuda.get_device_name(device))
-    return f"cpu {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def _versions() -> dict[str, str]:
