@@ -1,8 +1,8 @@
 """Resume across a change of process count: a run saved on 1 process resumes on 2 real gloo processes, and one saved on
 2 resumes on 1, for fc (rows gathered into the checkpoint), partial_fc (one global Zarr bank), vfc (anchors gathered
 like fc's rows), dcp and attfc (the pool or queue, the same on every rank) and the DeepSpeed engine (consolidated
-weights). Each hop first re-saves the checkpoint it loaded without training (max_steps = its step), which must
-reproduce the saved state exactly, then trains on."""
+weights and the optimizer state by parameter name). Each hop first re-saves the checkpoint it loaded without training
+(max_steps = its step), which must reproduce the saved state exactly, then trains on."""
 
 from __future__ import annotations
 
@@ -39,10 +39,14 @@ def _train(root: Path, name: str, world: int, head: str, engine: str, max_steps:
     run_ranks(cmd, world, timeout_s=TIMEOUT_S, what=f"{name}: training")
 
 
-def _state(root: Path, name: str, step: int, head: str) -> dict[str, torch.Tensor]:
+def _state(root: Path, name: str, step: int, head: str, engine: str) -> dict[str, torch.Tensor]:
     state, _ = load_checkpoint(root / "runs" / name / "checkpoints" / f"step_{step:08d}")
     assert state["step"] == step
     out = {f"model.{k}": v for k, v in state["engine"]["model"].items()}
+    if engine == "deepspeed":  # the optimizer state by parameter name, gathered from the ZeRO partitions
+        tensors = state["engine"]["optimizer_by_name"]["tensors"]
+        out.update({f"optimizer.{name}.{key}": v for name, keys in tensors.items() for key, v in keys.items()})
+        assert any(k.startswith("optimizer.") for k in out), "no optimizer state: it would start fresh on resume"
     if head == "fc":
         out["head.weight"] = state["head"]["weight"]
         out["head.momentum"] = state["head"]["momentum_buf"]
@@ -79,15 +83,15 @@ def test_resume_across_process_counts(tmp_path: Path, head: str, engine: str) ->
     """Catches a checkpoint that holds only one rank's rows, a bank written per rank, or a DeepSpeed checkpoint that
     loads only on its own process count: any of them fails a hop or changes the state it re-saves."""
     _train(tmp_path, "a", 1, head, engine, max_steps=3, resume=False)
-    saved_on_1 = _state(tmp_path, "a", 3, head)
+    saved_on_1 = _state(tmp_path, "a", 3, head, engine)
     _copy_run(tmp_path, "a", "b")
     _train(tmp_path, "b", 2, head, engine, max_steps=3, resume=True)  # 1 -> 2: load and re-save
-    _assert_same(_state(tmp_path, "b", 3, head), saved_on_1)
+    _assert_same(_state(tmp_path, "b", 3, head, engine), saved_on_1)
     _train(tmp_path, "b", 2, head, engine, max_steps=5, resume=True)  # trains on with 2 processes
-    saved_on_2 = _state(tmp_path, "b", 5, head)
+    saved_on_2 = _state(tmp_path, "b", 5, head, engine)
     assert not torch.equal(next(iter(saved_on_2.values())), next(iter(saved_on_1.values())))
     _copy_run(tmp_path, "b", "c")
     _train(tmp_path, "c", 1, head, engine, max_steps=5, resume=True)  # 2 -> 1: load and re-save
-    _assert_same(_state(tmp_path, "c", 5, head), saved_on_2)
+    _assert_same(_state(tmp_path, "c", 5, head, engine), saved_on_2)
     _train(tmp_path, "c", 1, head, engine, max_steps=6, resume=True)
-    assert _state(tmp_path, "c", 6, head)
+    assert _state(tmp_path, "c", 6, head, engine)

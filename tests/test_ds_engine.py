@@ -314,6 +314,47 @@ def test_consolidated_state_dict_of_zero3_loads_into_a_fresh_backbone_and_anothe
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
 
 
+ADAMW = TrainCfg(batch_size=B, optimizer="adamw", lr=1e-3, weight_decay=0.05, grad_clip=1.0, precision="fp32")
+ZERO3 = {"zero_optimization": {"stage": 3}}
+
+
+def _engine(kind: str | dict, cfg: TrainCfg, seed: int) -> PlainEngine | DeepSpeedEngine:
+    if kind == "plain":
+        return PlainEngine(_backbone(seed), cfg, DEVICE)
+    return DeepSpeedEngine(_backbone(seed), cfg, DEVICE, ds_config=kind if isinstance(kind, dict) else DS_DIR / kind)
+
+
+def _weights(engine: PlainEngine | DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    return engine.consolidated_state_dict() if isinstance(engine, DeepSpeedEngine) else engine.model.state_dict()
+
+
+@pytest.mark.parametrize(("source", "target", "cfg", "tolerance"), [
+    ("zero2_offload_cpu.json", "zero2_offload_cpu.json", ADAMW, 0.0),  # moments and step count, bit for bit
+    ("zero2_offload_cpu.json", ZERO3, SGD, 1e-6),  # partitions of another layout (ZeRO-3's flat sub-groups)
+    (ZERO3, "plain", SGD, 1e-6),  # engine.kind changed on resume: DeepSpeed's state into a torch SGD
+    ("plain", "zero0.json", SGD, 1e-6),  # and a torch SGD's into DeepSpeed
+], ids=["zero2_offload-zero2_offload-adamw", "zero2_offload-zero3-sgd", "zero3-plain-sgd", "plain-zero0-sgd"])
+def test_state_dict_carries_the_optimizer_state_to_another_stage_or_engine(source: str | dict, target: str | dict,
+                                                                           cfg: TrainCfg, tolerance: float) -> None:
+    """Catches a resume on another process count (which loads state.pt, not DeepSpeed's per-rank checkpoint) that
+    starts the momentum or the Adam moments afresh: the fresh optimizer's next steps differ by ~5e-3 here. Across
+    ZeRO stages only the gradient reductions' rounding differs (~1e-8 measured); Adam is compared on one layout, as
+    it turns such rounding into sign flips of near-zero updates."""
+    batches = _batches(4)
+    source_engine = _engine(source, cfg, seed=0)
+    for images, labels in batches[:2]:
+        _train_step(source_engine, *(images, labels))
+    state = source_engine.state_dict()
+    target_engine = _engine(target, cfg, seed=1)  # other weights: the load must overwrite them
+    target_engine.load_state_dict(state)
+    assert _max_diff(_weights(target_engine), _weights(source_engine)) == 0.0
+    for images, labels in batches[2:]:
+        loss_s, _, _ = _train_step(source_engine, images, labels)
+        loss_t, _, _ = _train_step(target_engine, images, labels)
+        assert loss_t == pytest.approx(loss_s, rel=1e-6)
+    assert _max_diff(_weights(target_engine), _weights(source_engine)) <= tolerance
+
+
 def test_bf16_autocast_matches_the_plain_engine_and_native_bf16_leaves_head_gradients_unscaled() -> None:
     """Catches the default bf16 mechanism drifting from the plain engine's autocast (or running in fp32), and a
     loss scale reaching the head weight outside the engine in DeepSpeed's native bf16 mode."""

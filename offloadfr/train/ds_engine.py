@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import socket
@@ -66,7 +67,12 @@ from torch import nn
 
 from offloadfr.config import EngineCfg, TrainCfg
 from offloadfr.errors import CheckpointError, ConfigError, NonFiniteError
-from offloadfr.train.engine import Engine, PlainEngine, resolve_precision
+from offloadfr.train.engine import (
+    Engine,
+    PlainEngine,
+    optimizer_state_by_name,
+    resolve_precision,
+)
 
 __all__ = [
     "DeepSpeedEngine",
@@ -77,6 +83,7 @@ __all__ = [
     "consolidate_checkpoint",
 ]
 
+_log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -545,15 +552,129 @@ class DeepSpeedEngine:
             self.ds.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"model": consolidated fp32 weights}``; the optimizer state is in the DeepSpeed checkpoint (:meth:`save`).
+        """``{"model": consolidated fp32 weights, "optimizer_by_name": whole optimizer state by parameter name}``.
 
-        On more than one process every rank must call it (it gathers partitions).
+        Both parts are whole tensors on the CPU that load on any process count and ZeRO stage (and into a
+        :class:`PlainEngine`). On more than one process every rank must call it (it gathers partitions). Without
+        ``"optimizer_by_name"`` where the optimizer state cannot be gathered by parameter (ZeRO-3 with the optimizer on
+        NVMe: :meth:`optimizer_state_by_name`); DeepSpeed's own checkpoint (:meth:`save`) still holds it.
         """
-        return {"model": self.consolidated_state_dict()}
+        state: dict[str, Any] = {"model": self.consolidated_state_dict()}
+        if self._optimizer_state_gatherable():
+            state["optimizer_by_name"] = self.optimizer_state_by_name()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads the weights of :meth:`state_dict` (any ZeRO stage, any process count); the optimizer starts fresh."""
+        """Loads :meth:`state_dict` (or a :class:`PlainEngine`'s), written on any process count and ZeRO stage.
+
+        A checkpoint without optimizer state (written before any step) leaves the optimizer fresh.
+        """
         self.load_consolidated_state_dict(state["model"])
+        if "optimizer_by_name" in state:
+            self.load_optimizer_state_by_name(state["optimizer_by_name"])
+        elif "optimizer" in state:  # a PlainEngine's torch state dict: resuming with engine.kind changed
+            self.load_optimizer_state_by_name(optimizer_state_by_name(self.model, state["optimizer"]))
+        else:
+            _log.warning("the checkpoint has no optimizer state by parameter name (ZeRO-3 with the optimizer on NVMe "
+                         "writes none): the optimizer starts fresh; resume on the process count that wrote it to "
+                         "keep it")
+
+    # --- the optimizer state by parameter name (resuming on another process count) ------------------------------
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer that steps: DeepSpeed's ZeRO and bf16 wrappers hold it as ``.optimizer``."""
+        opt = self.ds.optimizer
+        return getattr(opt, "optimizer", opt)
+
+    def _state_owners(self) -> dict[int, torch.Tensor]:
+        """``id(param)`` → the tensor the base optimizer keeps a parameter's state under, without ZeRO (the parameter
+        itself, or its fp32 master in DeepSpeed's bf16 wrapper)."""
+        masters = self._wrapper_masters()
+        return {id(p): masters.get(id(p), p) for p in self.model.parameters()}
+
+    def _optimizer_state_gatherable(self) -> bool:
+        """False for ZeRO-3 with the optimizer on NVMe or partly offloaded: its state is swapped out, or split over
+        two optimizers, in ways the by-name calls do not follow (untested here: this VM has no libaio)."""
+        offload = (self.config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+        return not (self.zero_stage == 3 and (offload.get("device") == "nvme" or float(offload.get("ratio", 1.0)) < 1))
+
+    def _check_optimizer_state_is_reachable(self) -> None:
+        if not self._optimizer_state_gatherable():
+            raise CheckpointError("the optimizer state of ZeRO-3 with offload_optimizer on NVMe (or ratio < 1) cannot "
+                                  "be gathered by parameter; resume on the same process count (DeepSpeed's own "
+                                  "checkpoint)")
+
+    def _flat_state_owners(self) -> list[tuple[int, torch.Tensor]]:
+        """(parameter group, tensor) for each tensor the base optimizer keeps state under. ZeRO-3 puts its fp32
+        partitions into the base optimizer's groups only for the length of a step; the others keep them there."""
+        opt = self.ds.optimizer
+        if self.zero_stage == 3:
+            return [(opt.sub_group_to_group_id[i], flat) for i, flat in enumerate(opt.fp32_partitioned_groups_flat)]
+        return [(g, q) for g, group in enumerate(self._base_optimizer().param_groups) for q in group["params"]]
+
+    def optimizer_state_by_name(self) -> dict[str, Any]:
+        """The base optimizer's state, whole, by parameter name (:func:`~offloadfr.train.engine.optimizer_state_by_name`
+        layout), fp32 on the CPU: ZeRO partitions are gathered from every rank, so every rank must call it."""
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        base = self._base_optimizer()
+        keys, step = _per_element_state_keys(base, [q for _, q in self._flat_state_owners()])
+        if not keys:
+            return {"step": step, "tensors": {}}
+        self._check_optimizer_state_is_reachable()
+        owners = self._state_owners()
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if _zero_partitioned(p):
+                whole = {k: safe_get_full_optimizer_state(p, k) for k in keys}
+            else:
+                entry = base.state.get(owners[id(p)], {})
+                whole = {k: entry[k] for k in keys if k in entry}
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            tensors[name] = {k: v.detach().to("cpu", torch.float32, copy=True).view(shape) for k, v in whole.items()}
+        return {"step": step, "tensors": tensors}
+
+    @torch.no_grad()
+    def load_optimizer_state_by_name(self, by_name: dict[str, Any]) -> None:
+        """Writes :meth:`optimizer_state_by_name`'s output into this engine's optimizer, whatever process count and
+        ZeRO stage wrote it; every rank takes its own part.
+
+        A fresh optimizer has no state yet (torch makes it in the first step), so one step at learning rate 0 on
+        zero gradients makes it first, in the optimizer's own layout (partitions, devices, dtypes); that step leaves
+        the weights as they are.
+
+        Raises:
+            CheckpointError: a trainable parameter has no state in ``by_name`` (another backbone).
+        """
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if not any(by_name["tensors"].values()):
+            return
+        self._check_optimizer_state_is_reachable()
+        base = self._base_optimizer()
+        _make_optimizer_state(base, self._flat_state_owners())
+        getattr(self.ds.optimizer, "_lazy_init_hp_params_optimizer_state", lambda: None)()  # ZeRO 1-2: link views
+        owners = self._state_owners()
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            saved = by_name["tensors"].get(name)
+            if not saved:
+                raise CheckpointError(f"the checkpoint's optimizer state has nothing for {name!r}; resume a "
+                                      "checkpoint of the same model.backbone")
+            for key, value in saved.items():
+                if _zero_partitioned(p):
+                    safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
+                else:
+                    target = base.state[owners[id(p)]][key]
+                    target.copy_(value.view_as(target))
+        if by_name["step"] is not None:
+            for entry in base.state.values():
+                if "step" in entry:  # torch's Adam keeps a tensor, DeepSpeed's CPU Adam an int
+                    old = entry["step"]
+                    entry["step"] = old.fill_(by_name["step"]) if torch.is_tensor(old) else type(old)(by_name["step"])
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
@@ -671,6 +792,43 @@ class DeepSpeedEngine:
     def close(self) -> None:
         """Releases DeepSpeed's hooks and buffers (the process group stays)."""
         self.ds.destroy()
+
+
+def _zero_partitioned(p: torch.Tensor) -> bool:
+    """Whether ZeRO 1-3 (or DeepSpeed's BF16_Optimizer) keeps ``p``'s fp32 state in partitions. A parameter whose
+    partition lies wholly on other ranks has ``_hp_mapping = None`` here, yet takes part in the gathers."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _per_element_state_keys(base: torch.optim.Optimizer, owners: list[torch.Tensor]) -> tuple[list[str], float | None]:
+    """The state keys of ``base`` that hold one value per parameter element (``momentum_buffer``; ``exp_avg``,
+    ``exp_avg_sq``), and its step count (None for SGD or before the first step). The same on every rank."""
+    for q in owners:
+        entry = base.state.get(q)
+        if entry:
+            keys = sorted(k for k, v in entry.items() if torch.is_tensor(v) and v.shape == q.shape)
+            return keys, (float(entry["step"]) if "step" in entry else None)
+    return [], None
+
+
+def _make_optimizer_state(base: torch.optim.Optimizer, owners: list[tuple[int, torch.Tensor]]) -> None:
+    """``base.step()`` at learning rate 0 on zero gradients over ``owners`` ((group, tensor) pairs), so that it holds
+    every state tensor it would after a real step, where it keeps them; weights, gradients, learning rates and the
+    groups' parameter lists are left as they were."""
+    groups = [(group, group["lr"], group["params"]) for group in base.param_groups]
+    grads = [(q, q.grad) for _, q in owners]
+    try:
+        for group in base.param_groups:
+            group["lr"], group["params"] = 0.0, []
+        for g, q in owners:
+            base.param_groups[g]["params"].append(q)
+            q.grad = torch.zeros_like(q)
+        base.step()
+    finally:
+        for group, lr, params in groups:
+            group["lr"], group["params"] = lr, params
+        for q, grad in grads:
+            q.grad = grad
 
 
 def consolidate_checkpoint(directory: str | Path, tag: str) -> dict[str, torch.Tensor]:

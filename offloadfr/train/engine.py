@@ -16,7 +16,7 @@ from torch import nn
 
 from offloadfr.config import TrainCfg
 
-__all__ = ["Engine", "PlainEngine", "resolve_precision"]
+__all__ = ["Engine", "PlainEngine", "resolve_precision", "optimizer_state_by_name", "torch_optimizer_state"]
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -24,6 +24,39 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def optimizer_state_by_name(model: nn.Module, torch_state: dict[str, Any]) -> dict[str, Any]:
+    """A torch optimizer's ``state_dict()`` over ``model.parameters()`` (in that order) by parameter name.
+
+    The layout both engines read, whatever holds the state (one optimizer, ZeRO partitions on any number of ranks):
+    ``{"step": the step count or None (SGD has none), "tensors": {parameter name: {state key: full tensor}}}``,
+    where the state keys are the per-element ones (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``).
+    """
+    named = list(model.named_parameters())
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    step: float | None = None
+    for index, (name, p) in enumerate(named):
+        entry = torch_state["state"].get(index, {})
+        tensors[name] = {k: v for k, v in entry.items() if torch.is_tensor(v) and v.shape == p.shape}
+        if "step" in entry:
+            step = float(entry["step"])
+    return {"step": step, "tensors": tensors}
+
+
+def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          by_name: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`optimizer_state_by_name`: a ``state_dict`` that ``optimizer`` (built over
+    ``model.parameters()``) loads, with its own hyper-parameters (the run's config wins over the checkpoint's)."""
+    named = list(model.named_parameters())
+    state: dict[int, dict[str, Any]] = {}
+    for index, (name, _) in enumerate(named):
+        entry: dict[str, Any] = dict(by_name["tensors"].get(name, {}))
+        if entry and by_name["step"] is not None:
+            entry["step"] = torch.tensor(by_name["step"], dtype=torch.float32)
+        if entry:
+            state[index] = entry
+    return {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
 
 
 class Engine(Protocol):
@@ -118,5 +151,10 @@ class PlainEngine:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loads this engine's :meth:`state_dict`, or a DeepSpeed engine's (its optimizer state is by name)."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif "optimizer_by_name" in state:  # written by DeepSpeedEngine: resuming with engine.kind changed
+            self.optimizer.load_state_dict(torch_optimizer_state(self.model, self.optimizer,
+                                                                 state["optimizer_by_name"]))

@@ -433,7 +433,7 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSch
                                   f"with the checkpoint's config or start a new run.name")
     state, _ = load_checkpoint(ckpt)
     # rank-awareness: DeepSpeed's per-rank optimizer partitions fit only the process count that wrote them; on another
-    # count the consolidated weights of state.pt load (the optimizer state starts fresh).
+    # count state.pt loads: the consolidated weights and the whole optimizer state by parameter name.
     same_world = int(state.get("world_size", 1)) == env.world_size
     if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir() and same_world:
         engine.load(ckpt / "deepspeed", tag="engine")  # exact optimizer state (same process count)
