@@ -432,10 +432,10 @@ def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSch
             raise CheckpointError(f"checkpoint {ckpt} has {key} = {theirs!r} but this run has {ours!r}; resume "
                                   f"with the checkpoint's config or start a new run.name")
     state, _ = load_checkpoint(ckpt)
-    # rank-awareness: DeepSpeed's per-rank optimizer partitions fit only the process count that wrote them; on another
-    # count state.pt loads: the consolidated weights and the whole optimizer state by parameter name.
-    same_world = int(state.get("world_size", 1)) == env.world_size
-    if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir() and same_world:
+    # rank-awareness: DeepSpeed's per-rank optimizer partitions fit only the process count (and ZeRO config) that wrote
+    # them; otherwise state.pt loads: the consolidated weights and the whole optimizer state by parameter name.
+    same_layout = int(state.get("world_size", 1)) == env.world_size and saved.engine == cfg.engine
+    if isinstance(engine, DeepSpeedEngine) and (ckpt / "deepspeed").is_dir() and same_layout:
         engine.load(ckpt / "deepspeed", tag="engine")  # exact optimizer state (same process count)
     else:
         engine.load_state_dict(state["engine"])
