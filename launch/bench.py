@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -52,20 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from offloadfr.train.bench_rows import emit_row, markdown_table  # noqa: E402 - after the path setup
-
-
-def _versions() -> dict[str, str]:
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-           "cpus": str(os.cpu_count())}
-    if torch.cuda.is_available():
-        out["device"] = torch.cuda.get_device_name(0)
-        out["cuda"] = str(torch.version.cuda)
-    else:
-        out["device"] = "cpu"
-    return out
+from offloadfr.train.bench_rows import emit_row, environment, markdown_table  # noqa: E402 - after the path setup
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -154,7 +139,7 @@ def _cmd_head(args: argparse.Namespace) -> int:
 
     if args.bank_dir:  # each row makes its bank in a fresh directory under it
         Path(args.bank_dir).mkdir(parents=True, exist_ok=True)
-    env = _versions()
+    env = environment()
     configs = [(n, head) for n in args.num_classes for head in args.heads]
     bar = tqdm(configs, desc="bench head", unit="config", disable=not sys.stderr.isatty())  # rows go to stdout
     for n, head in bar:
@@ -184,7 +169,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
                   sampler=args.sampler, block_rows=128, block_window=8)
     row = measure_data_pipelines(cfg, image_size=args.image_size, batch_size=args.batch_size,
                                  num_batches=args.num_batches, rounds=args.rounds)
-    emit_row({**row, "env": _versions()}, args.out)
+    emit_row({**row, "env": environment()}, args.out)
     return 0
 
 
@@ -193,7 +178,7 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
 
     from offloadfr.heads.bench import measure_head_step
 
-    env = _versions()
+    env = environment()
     for k in args.num_slots:
         try:
             rows = measure_head_step(num_slots=k, batch_size=args.batch_size, dim=args.dim,
@@ -211,7 +196,7 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
 def _cmd_bank(args: argparse.Namespace) -> int:
     from offloadfr.bank.bench import measure_block_loads
 
-    env = _versions()
+    env = environment()
     rows = measure_block_loads(num_blocks=args.num_blocks, block_rows=args.block_rows, dim=args.dim,
                                threads=args.threads, tiers=args.tiers, sources=args.sources, rounds=args.rounds,
                                bank_dir=args.bank_dir)

@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from typing import Any
 
 from offloadfr.config import Config, HeadCfg, LossCfg, load_config
 from offloadfr.errors import OffloadFRError
-from offloadfr.train.bench_rows import markdown_table
+from offloadfr.train.bench_rows import environment, markdown_table
 
 __all__ = ["HEAD_NEEDS", "DEFAULT_MARGINS", "head_kinds", "margin_kinds", "plan_configs", "read_rows", "render_table",
            "main"]
@@ -120,35 +119,6 @@ def _images_per_step(cfg: Config) -> tuple[int, int]:
     if sampler == "attention":
         return b, b * (1 + cfg.data.num_keys)
     return b, b
-
-
-def versions() -> dict[str, str]:
-    """Python, torch, deepspeed, the CPU or GPU, and the checkout's git commit."""
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cpus": str(os.cpu_count()),
-           "cpu": _cpu_model()}
-    try:
-        import deepspeed
-
-        out["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
-    out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=_ROOT)
-    if git.returncode == 0:
-        out["commit"] = git.stdout.strip()
-    return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def default_machine() -> str:
@@ -333,7 +303,7 @@ def main(argv: list[str]) -> int:
               "or --images", file=sys.stderr)
         return 2
     command = "python launch/bench.py quality " + " ".join(argv)
-    env = versions()
+    env = environment()
     done = {_row_key(r) for r in read_rows(out) if r.get("status") == "ok"} if args.resume else set()
     failed = 0
     for spec in plan_configs(args.heads, args.margins, base.loss.kind):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_in_own_process", "emit_row", "markdown_table", "device_name"]
+__all__ = ["run_in_own_process", "emit_row", "markdown_table", "device_name", "environment"]
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout, so the child imports this offloadfr
 
@@ -56,6 +56,44 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Mapping[str, Any]],
         cells = [fmt(v) if isinstance(v, float) else str(v) for v in (row.get(c, "") for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+_PACKAGES = ("deepspeed", "zarr", "numcodecs", "webdataset", "numpy", "triton")
+"""The packages whose versions a row's ``env`` records (besides torch); read from their metadata, not imported."""
+
+
+def environment() -> dict[str, str]:
+    """The ``env`` of every benchmark row: Python, torch and CUDA, the CPU (model and core count), the device, the
+    versions of the packages that decide the numbers (``absent`` when not installed), and the checkout's commit."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda),
+           "machine": platform.machine(), "cpus": str(os.cpu_count()), "cpu": _cpu_model(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    for package in _PACKAGES:
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "absent"
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=_ROOT)
+    if git.returncode == 0:
+        out["commit"] = git.stdout.strip()
+    return out
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_name(device: Any) -> str:

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offloadfr.train.bench_rows import device_name, emit_row, markdown_table, run_in_own_process
+from offloadfr.train.bench_rows import device_name, emit_row, environment, markdown_table, run_in_own_process
 
 __all__ = ["bench_one", "main", "make_labels", "table", "LABEL_ORDERS", "BACKBONE_ONLY", "TABLE_COLUMNS"]
 
@@ -372,22 +372,6 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
     return row
 
 
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cpus": str(os.cpu_count()),
-           "cuda": str(torch.version.cuda)}
-    for package in ("deepspeed", "zarr", "numpy"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "absent"
-    return out
-
-
 TABLE_COLUMNS = ("head", "num_classes", "labels", "engine", "status", "images_per_s", "ratio_to_backbone_only",
                  "head_share", "step_ms_p50", "peak_device_GiB", "peak_host_rss_GiB", "bank_read_Bps",
                  "bank_written_Bps", "storage_read_Bps", "storage_written_Bps", "bank_blocks_initialised_per_s",
@@ -441,7 +425,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.bank_dir:  # each row makes its bank in a fresh directory under it
         Path(args.bank_dir).mkdir(parents=True, exist_ok=True)
-    env = _versions()
+    env = environment()
     failed = 0
     for engine in args.engines:
         base_rate = None
