@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 
 from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg, TrainCfg
-from offloadfr.dist import DistEnv, all_gather_labels, destroy_process_group, init_process_group
+from offloadfr.dist import (
+    DistEnv,
+    all_gather_labels,
+    all_gather_rows_to_host,
+    destroy_process_group,
+    init_process_group,
+)
 from offloadfr.heads import HeadDeps, build_head
 from offloadfr.heads.base import gather_partitioned_rows
 from offloadfr.losses import build_margin
@@ -96,6 +102,10 @@ def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
                 results[kind]["state_rows"] = head.state_dict()["weight"].clone()
                 results[kind]["gathered_labels"] = all_gather_labels(labels_N[rows])
                 results[kind]["gathered_rows"] = gather_partitioned_rows(head.weight.detach(), head.partition)
+                sizes = [end - start for start, end in map(head.partition.range_of, range(env.world_size))]
+                # 3 rows per rank per chunk: several chunks, the last one partial, ranks of unequal size
+                results[kind]["rows_by_chunks"] = all_gather_rows_to_host(
+                    head.weight.detach(), sizes, chunk_bytes=env.world_size * 3 * DIM * 4)
         finally:
             head.close()
     return results

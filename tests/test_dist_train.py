@@ -59,6 +59,7 @@ def test_two_ranks_match_one_process(runs: tuple[list[dict[str, Any]], dict[str,
         for res in two:
             assert torch.equal(res["fc"]["state_rows"], one["fc"]["state_rows"])
             assert torch.equal(res["fc"]["gathered_rows"], one["fc"]["state_rows"])
+            assert torch.equal(res["fc"]["rows_by_chunks"], one["fc"]["state_rows"])
 
 
 def test_partition_aligned_to_bank_blocks() -> None:

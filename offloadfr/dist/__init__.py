@@ -6,6 +6,7 @@ With one process (no process group) every primitive is the plain operation and r
 from offloadfr.dist.collectives import (
     all_gather_labels,
     all_gather_rows,
+    all_gather_rows_to_host,
     all_gather_with_grad,
     all_reduce_sum_,
     check_process_group,
@@ -23,6 +24,7 @@ __all__ = [
     "all_gather_with_grad",
     "all_gather_labels",
     "all_gather_rows",
+    "all_gather_rows_to_host",
     "all_reduce_sum_",
     "all_gather_objects",
     "barrier",

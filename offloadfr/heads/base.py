@@ -28,7 +28,7 @@ from offloadfr.config import BankCfg, CacheCfg, HeadCfg
 from offloadfr.dist import (
     ClassPartition,
     all_gather_labels,
-    all_gather_rows,
+    all_gather_rows_to_host,
     all_gather_with_grad,
     all_reduce_sum_,
     process_group_size,
@@ -186,11 +186,12 @@ def partitioned_loss(logits_NC: torch.Tensor, target_N: torch.Tensor, *,
 
 
 def gather_partitioned_rows(rows_CD: torch.Tensor, partition: ClassPartition) -> torch.Tensor:
-    """All N rows of a tensor whose rows are partitioned by ``partition`` (a collective: every rank calls it)."""
+    """All N rows of a tensor whose rows are partitioned by ``partition`` (a collective: every rank calls it), in host
+    memory on W > 1 processes (gathered a chunk at a time: the device never holds all N rows)."""
     if partition.world_size == 1:
         return rows_CD
     sizes = [end - start for start, end in map(partition.range_of, range(partition.world_size))]
-    return all_gather_rows(rows_CD.contiguous(), sizes)
+    return all_gather_rows_to_host(rows_CD.contiguous(), sizes)
 
 
 _ROWS = ("weight", "momentum_buf")

@@ -142,6 +142,9 @@ def load_checkpoint_config(path: str | Path) -> Config:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path]:
     """Loads ``state.pt`` of a checkpoint (or of the newest checkpoint of a run directory).
 
+    The file is memory-mapped (``mmap=True``): its tensors are read from the page cache when touched, so W ranks on
+    one host that each keep their own range of ``fc``'s rows share one copy of the file instead of holding W.
+
     Returns:
         The state dict and the checkpoint directory it came from.
 
@@ -149,4 +152,4 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         CheckpointError: ``path`` is neither a checkpoint nor a run directory with one.
     """
     p = _resolve(path)
-    return torch.load(p / "state.pt", map_location=map_location, weights_only=True), p
+    return torch.load(p / "state.pt", map_location=map_location, weights_only=True, mmap=True), p
