@@ -60,7 +60,9 @@ HEAD_NEEDS: dict[str, tuple[str, ...]] = {
     "fc": (),
     "pfc_dense": (),
     "partial_fc": ("cache.num_slots=1024",),  # as ds_configs/runs/synth_tiny_pfc_ram.toml: K < N, so it offloads
-    "vfc": ("data.sampler=identity",),  # P×K batches (docs/methods.md)
+    # vfc: P×K batches, and the straight-through gradient, without which one epoch stayed at chance on 2 seeds of 4
+    # (docs/methods.md, "Virtual FC over seeds")
+    "vfc": ("data.sampler=identity", "loss.arcface_grad=straight_through"),
     # attfc: the straight-through gradient and faster EMA of the short-run setting, plus what made it learn in one
     # epoch of synth_tiny (docs/methods.md, "What makes attfc learn in one epoch"): keys drawn from all the identity's
     # images (the query included, as AttFC's loader), 4 keys, s = 16, all 20 shards mixed and Q = N.
