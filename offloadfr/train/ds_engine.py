@@ -575,9 +575,9 @@ class DeepSpeedEngine:
         elif "optimizer" in state:  # a PlainEngine's torch state dict: resuming with engine.kind changed
             self.load_optimizer_state_by_name(optimizer_state_by_name(self.model, state["optimizer"]))
         else:
-            _log.warning("the checkpoint has no optimizer state by parameter name (ZeRO-3 with the optimizer on NVMe "
-                         "writes none): the optimizer starts fresh; resume on the process count that wrote it to "
-                         "keep it")
+            _log.warning("the checkpoint holds no optimizer state by parameter name (ZeRO-3 with the optimizer on "
+                         "NVMe writes none, nor did offloadfr before 2026-11-25): the optimizer starts fresh; resume "
+                         "on the process count and ZeRO config that wrote it to keep it")
 
     # --- the optimizer state by parameter name (resuming on another process count) ------------------------------
 
