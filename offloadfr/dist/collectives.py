@@ -1,7 +1,7 @@
 """Collectives for model-parallel heads: all-gather of embeddings with gradient, and of labels (seeds-spec §1.3).
 
 Legend: B = rows of this rank, W = world size, N = rows of the global batch (``W·B``, or ``sum(sizes)`` for uneven
-batches), D = embedding width.
+batches), D = embedding width, C = the class rows a partitioned head keeps on this rank.
 
 World size 1 is the plain path (STYLE R2): when no process group is initialised every function here returns its input
 unchanged and runs no collective, so a single process never needs ``torch.distributed``.
