@@ -343,7 +343,7 @@ def test_state_dict_carries_the_optimizer_state_to_another_stage_or_engine(sourc
     batches = _batches(4)
     source_engine = _engine(source, cfg, seed=0)
     for images, labels in batches[:2]:
-        _train_step(source_engine, *(images, labels))
+        _train_step(source_engine, images, labels)
     state = source_engine.state_dict()
     target_engine = _engine(target, cfg, seed=1)  # other weights: the load must overwrite them
     target_engine.load_state_dict(state)

@@ -70,8 +70,8 @@ from offloadfr.errors import CheckpointError, ConfigError, NonFiniteError
 from offloadfr.train.engine import (
     Engine,
     PlainEngine,
-    optimizer_state_by_name,
     resolve_precision,
+    torch_state_to_names,
 )
 
 __all__ = [
@@ -573,7 +573,7 @@ class DeepSpeedEngine:
         if "optimizer_by_name" in state:
             self.load_optimizer_state_by_name(state["optimizer_by_name"])
         elif "optimizer" in state:  # a PlainEngine's torch state dict: resuming with engine.kind changed
-            self.load_optimizer_state_by_name(optimizer_state_by_name(self.model, state["optimizer"]))
+            self.load_optimizer_state_by_name(torch_state_to_names(self.model, state["optimizer"]))
         else:
             _log.warning("the checkpoint holds no optimizer state by parameter name (ZeRO-3 with the optimizer on "
                          "NVMe writes none, nor did offloadfr before 2026-11-25): the optimizer starts fresh; resume "
@@ -613,7 +613,7 @@ class DeepSpeedEngine:
         return [(g, q) for g, group in enumerate(self._base_optimizer().param_groups) for q in group["params"]]
 
     def optimizer_state_by_name(self) -> dict[str, Any]:
-        """The base optimizer's state, whole, by parameter name (:func:`~offloadfr.train.engine.optimizer_state_by_name`
+        """The base optimizer's state, whole, by parameter name (:func:`~offloadfr.train.engine.torch_state_to_names`
         layout), fp32 on the CPU: ZeRO partitions are gathered from every rank, so every rank must call it."""
         from deepspeed.utils import safe_get_full_optimizer_state
 

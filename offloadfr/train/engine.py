@@ -16,7 +16,7 @@ from torch import nn
 
 from offloadfr.config import TrainCfg
 
-__all__ = ["Engine", "PlainEngine", "resolve_precision", "optimizer_state_by_name", "torch_optimizer_state"]
+__all__ = ["Engine", "PlainEngine", "resolve_precision", "torch_state_to_names", "torch_state_from_names"]
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -26,7 +26,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def optimizer_state_by_name(model: nn.Module, torch_state: dict[str, Any]) -> dict[str, Any]:
+def torch_state_to_names(model: nn.Module, torch_state: dict[str, Any]) -> dict[str, Any]:
     """A torch optimizer's ``state_dict()`` over ``model.parameters()`` (in that order) by parameter name.
 
     The layout both engines read, whatever holds the state (one optimizer, ZeRO partitions on any number of ranks):
@@ -44,9 +44,9 @@ def optimizer_state_by_name(model: nn.Module, torch_state: dict[str, Any]) -> di
     return {"step": step, "tensors": tensors}
 
 
-def torch_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+def torch_state_from_names(model: nn.Module, optimizer: torch.optim.Optimizer,
                           by_name: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`optimizer_state_by_name`: a ``state_dict`` that ``optimizer`` (built over
+    """The inverse of :func:`torch_state_to_names`: a ``state_dict`` that ``optimizer`` (built over
     ``model.parameters()``) loads, with its own hyper-parameters (the run's config wins over the checkpoint's)."""
     named = list(model.named_parameters())
     state: dict[int, dict[str, Any]] = {}
@@ -156,5 +156,5 @@ class PlainEngine:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         elif "optimizer_by_name" in state:  # written by DeepSpeedEngine: resuming with engine.kind changed
-            self.optimizer.load_state_dict(torch_optimizer_state(self.model, self.optimizer,
+            self.optimizer.load_state_dict(torch_state_from_names(self.model, self.optimizer,
                                                                  state["optimizer_by_name"]))
