@@ -50,7 +50,7 @@ def _state(root: Path, name: str, step: int, head: str, engine: str) -> dict[str
     out = {f"model.{k}": v for k, v in state["engine"]["model"].items()}
     if engine.startswith("deepspeed"):  # the optimizer state by parameter name, gathered from the ZeRO partitions
         tensors = state["engine"]["optimizer_by_name"]["tensors"]
-        out.update({f"optimizer.{name}.{key}": v for name, keys in tensors.items() for key, v in keys.items()})
+        out.update({f"optimizer.{param}.{key}": v for param, keys in tensors.items() for key, v in keys.items()})
         assert any(k.startswith("optimizer.") for k in out), "no optimizer state: it would start fresh on resume"
     if head == "fc":
         out["head.weight"] = state["head"]["weight"]
