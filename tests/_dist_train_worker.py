@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg, TrainCfg
-from offloadfr.dist import (
+from offloadfr.distributed import (
     DistEnv,
     all_gather_labels,
     all_gather_rows_to_host,

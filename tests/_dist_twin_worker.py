@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg, TrainCfg
-from offloadfr.dist import DistEnv, destroy_process_group, init_process_group
+from offloadfr.distributed import DistEnv, destroy_process_group, init_process_group
 from offloadfr.heads import HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone

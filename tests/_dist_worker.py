@@ -1,4 +1,4 @@
-"""One rank of the 2-process gloo test of ``offloadfr.dist`` (run by tests/test_dist.py, not collected by pytest).
+"""One rank of the 2-process gloo test of ``offloadfr.distributed`` (run by tests/test_dist.py, not collected by pytest).
 
 Usage: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python -m tests._dist_worker OUT_DIR``; writes
 ``OUT_DIR/rank{r}.pt`` with, per scenario, the loss and the gradients this rank computed.
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from offloadfr.config import LossCfg
-from offloadfr.dist import (
+from offloadfr.distributed import (
     ClassPartition,
     all_gather_labels,
     all_gather_with_grad,

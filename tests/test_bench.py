@@ -97,7 +97,7 @@ def test_backbone_bench_knobs_profile_channels_last_and_variants(tmp_path: Path)
 def test_backbone_bench_config_helpers() -> None:
     """Catches a variant whose keys do not reach the JSON (or do not remove it), a profile file that overwrites the
     rows, and a --ds-set value left as a string."""
-    from offloadfr.train.bench_backbone import VARIANTS, _parse_ds_set, ds_config_for, profile_path
+    from offloadfr.bench.backbone import VARIANTS, _parse_ds_set, ds_config_for, profile_path
 
     assert "zero_optimization" not in ds_config_for("zero0_nosection")
     assert ds_config_for("zero2_no_overlap")["zero_optimization"]["overlap_comm"] is False

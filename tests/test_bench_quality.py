@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offloadfr.train.bench_quality import HEAD_NEEDS, head_kinds, plan_configs, render_table
+from offloadfr.bench.quality import HEAD_NEEDS, head_kinds, plan_configs, render_table
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""``launch/bench.py train`` (offloadfr/train/bench_train.py): the end-to-end scale benchmark in CI size, and its
+"""``launch/bench.py train`` (offloadfr/bench/train.py): the end-to-end scale benchmark in CI size, and its
 synthetic label orders against the samplers they stand for."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from offloadfr.data.samplers import SamplerSpec, plan_epoch
 from offloadfr.data.shards import DatasetIndex, ShardInfo
 from offloadfr.errors import ConfigError
-from offloadfr.train.bench_train import make_labels
+from offloadfr.bench.train import make_labels
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def test_head_backward_interval_ends_between_head_and_backbone_gradients() -> No
     """The head share's backward part ends after the head's own row gradient and before any backbone gradient:
     catches a marker that closes the interval too early (head work counted as backbone) or too late."""
     from offloadfr.heads import Head
-    from offloadfr.train.bench_train import _Clock, _timed_head
+    from offloadfr.bench.train import _Clock, _timed_head
 
     order: list[str] = []
 

@@ -1,4 +1,4 @@
-"""``offloadfr.dist``: class partition, all-gather with gradient, sharded softmax cross-entropy (STYLE R10).
+"""``offloadfr.distributed``: class partition, all-gather with gradient, sharded softmax cross-entropy (STYLE R10).
 
 Partition properties are checked for C = 37 over W = 1..5; the world-size-1 paths are checked against the plain torch
 ops in-process (no process group, so any collective would raise); the sharded math runs in 2 real gloo processes
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offloadfr.dist import (
+from offloadfr.distributed import (
     ClassPartition,
     DistEnv,
     all_gather_labels,

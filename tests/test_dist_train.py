@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from offloadfr.dist import ClassPartition, check_launch
+from offloadfr.distributed import ClassPartition, check_launch
 from offloadfr.errors import ConfigError
 
 from ._ranks import run_ranks

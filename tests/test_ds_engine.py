@@ -23,7 +23,7 @@ from torch import nn
 from offloadfr.config import EngineCfg, TrainCfg
 from offloadfr.errors import CheckpointError, ConfigError, NonFiniteError
 from offloadfr.models import build_backbone
-from offloadfr.train.bench_backbone import module_forward
+from offloadfr.bench.backbone import module_forward
 from offloadfr.train.ds_engine import (
     DeepSpeedEngine,
     build_engine,

@@ -1,5 +1,5 @@
 """The layer rules of DESIGN §3: lower layers never import higher ones; only train/ imports deepspeed/accelerate;
-only dist/ imports torch.distributed; only kernels/ imports triton."""
+only distributed/ imports torch.distributed; only kernels/ imports triton."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ PKG = Path(__file__).resolve().parent.parent / "offloadfr"
 LEVEL = {
     "errors": 1, "config": 1, "registry": 1, "faults": 1,
     "models": 2, "losses": 2,
-    "bank": 3, "kernels": 3,
-    "dist": 4,
+    "bank": 3, "kernels": 3, "data": 3,
+    "distributed": 4,
     "cache": 5,
     "heads": 6,
-    "data": 7, "eval": 7,
+    "eval": 7,
     "train": 8,
-    "cli": 9, "tools": 9,
+    "bench": 9,
+    "cli": 10, "tools": 10,
 }
 
 
@@ -60,7 +61,7 @@ def test_no_upward_imports() -> None:
 
 
 def test_heavy_dependencies_stay_in_their_layer() -> None:
-    """Catches deepspeed/accelerate imported outside train/, torch.distributed outside dist/ (and train/), triton
+    """Catches deepspeed/accelerate imported outside train/, torch.distributed outside distributed/ (and train/), triton
     outside kernels/."""
     problems = []
     for path in PKG.rglob("*.py"):
@@ -69,7 +70,7 @@ def test_heavy_dependencies_stay_in_their_layer() -> None:
             root = name.split(".")[0]
             if root in ("deepspeed", "accelerate") and comp != "train":
                 problems.append(f"{path.relative_to(PKG)} imports {name}")
-            if name.startswith("torch.distributed") and comp not in ("dist", "train"):
+            if name.startswith("torch.distributed") and comp not in ("distributed", "train"):
                 problems.append(f"{path.relative_to(PKG)} imports {name}")
             if root == "triton" and comp != "kernels":  # an optional dependency, imported lazily by kernels/ only
                 problems.append(f"{path.relative_to(PKG)} imports {name}")

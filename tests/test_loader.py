@@ -178,7 +178,7 @@ def test_corrupt_jpeg_and_truncated_shard_are_skipped(dataset: Path, tmp_path: P
 def test_data_bench_measures_both_pipelines(dataset: Path) -> None:
     """Catches `launch/bench.py data` timing nothing, or a plain webdataset pipeline that yields another batch layout
     than ours (the bench asserts uint8 (B, 3, S, S) tensors from both)."""
-    from offloadfr.data.bench import measure_data_pipelines
+    from offloadfr.bench.data import measure_data_pipelines
 
     row = measure_data_pipelines(_cfg(dataset), image_size=16, batch_size=8, num_batches=4, rounds=1)
     assert row["num_batches"] == 4 and row["num_workers"] == 2

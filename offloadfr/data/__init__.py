@@ -5,7 +5,6 @@ verification packs.
 - :mod:`offloadfr.data.synth`: :func:`generate_synthetic` (``offloadfr synth``);
 - :mod:`offloadfr.data.loader`: :func:`build_train_loader`, exact batches per epoch on every rank;
 - :mod:`offloadfr.data.samplers`: the planned samplers of ``data.sampler`` (identity P×K, attention, dual, block);
-- :mod:`offloadfr.data.bench`: our loader against a plain webdataset pipeline (``launch/bench.py data``);
 - :mod:`offloadfr.data.pairs`: ``pairs.bin`` / ``lfw.bin``-style verification packs.
 """
 

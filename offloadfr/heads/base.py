@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from offloadfr.config import BankCfg, CacheCfg, HeadCfg
-from offloadfr.dist import (
+from offloadfr.distributed import (
     ClassPartition,
     all_gather_labels,
     all_gather_rows_to_host,
@@ -58,7 +58,7 @@ class HeadDeps:
         bank: the bank config (heads that keep rows off the device).
         cache: the DCC config (heads with a Dynamic Class Container).
         bank_path: the resolved Zarr directory of the bank.
-        rank: this process's rank; the head owns a contiguous range of ids (``dist.ClassPartition``).
+        rank: this process's rank; the head owns a contiguous range of ids (``distributed.ClassPartition``).
         world_size: W, the number of training processes; 1 is the plain path (no collective).
         processes_per_host: the training processes on this machine, which share its host memory and cores (the ram
             tier's memory check counts all of their shares; ``bank.io_threads = 0`` divides the cores among them).

@@ -2,7 +2,7 @@
 
 Legend: B = batch, D = embedding width, N = num_classes, C = ids of this rank (N with one process).
 
-With W processes each rank holds the C rows of its contiguous id range (``dist.ClassPartition``), the embeddings and
+With W processes each rank holds the C rows of its contiguous id range (``distributed.ClassPartition``), the embeddings and
 labels of the global batch are all-gathered, and the cross-entropy is sharded. Checkpoints hold all N rows (gathered
 at save, sliced at load), so a run saved on W processes resumes on any other number.
 
@@ -18,7 +18,7 @@ from torch import nn
 
 from offloadfr.bank.init import initial_rows
 from offloadfr.config import HeadCfg
-from offloadfr.dist import ClassPartition
+from offloadfr.distributed import ClassPartition
 from offloadfr.heads.base import (
     Head,
     HeadDeps,

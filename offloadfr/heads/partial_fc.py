@@ -35,7 +35,7 @@ import torch
 from offloadfr.bank.zarr_bank import open_bank
 from offloadfr.cache import DynamicClassContainer, Prefetcher
 from offloadfr.config import HeadCfg
-from offloadfr.dist import ClassPartition, all_gather_labels, all_gather_objects, barrier
+from offloadfr.distributed import ClassPartition, all_gather_labels, all_gather_objects, barrier
 from offloadfr.errors import CheckpointError
 from offloadfr.heads.base import Head, HeadDeps, gather_global_batch, partitioned_loss, register_head
 from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy, update_rows_

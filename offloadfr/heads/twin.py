@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from offloadfr.dist import all_gather_labels, all_gather_rows
+from offloadfr.distributed import all_gather_labels, all_gather_rows
 from offloadfr.errors import ConfigError
 from offloadfr.heads.base import Head, HeadDeps
 from offloadfr.heads.center_bank import CenterBank

@@ -51,7 +51,7 @@ def check_kernel(kernel: str, margin: Margin, device: torch.device, world_size: 
     """Checks that ``kernel`` can compute ``margin`` on ``device``; returns the kernel a head uses. Call it when a
     head is built.
 
-    With ``world_size > 1`` the loss is the sharded cross-entropy of :mod:`offloadfr.dist`, which stays plain: the
+    With ``world_size > 1`` the loss is the sharded cross-entropy of :mod:`offloadfr.distributed`, which stays plain: the
     result is then ``"torch"`` (one warning).
 
     Raises:

@@ -442,7 +442,7 @@ class DeepSpeedEngine:
                  ds_config: str | Path | dict[str, Any]) -> None:
         raw = ds_config if isinstance(ds_config, dict) else load_ds_config(ds_config)
         source = "engine.deepspeed_config" + ("" if isinstance(ds_config, dict) else f" ({ds_config})")
-        # A launcher or dist/ may already have made the process group; DeepSpeed then joins it.
+        # A launcher or distributed/ may already have made the process group; DeepSpeed then joins it.
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else ensure_dist_env()
         self.config = resolve_ds_config(raw, cfg, world_size=world, device=device, source=source)
         """The DeepSpeed config as run (JSON plus the values filled in from ``[train]``)."""

@@ -37,7 +37,7 @@ from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.data.synth import generate_synthetic
-from offloadfr.dist import (
+from offloadfr.distributed import (
     DistEnv,
     all_gather_objects,
     barrier,
@@ -156,7 +156,7 @@ def train_step(engine: Engine, head: Head, images_u8: torch.Tensor, labels_B: to
                device: torch.device, *, dual: tuple[int, int] | None = None) -> tuple[float, float, bool]:
     """One training step on one batch: normalise, backbone forward, head loss, backward, then the guard and updates.
 
-    The trainer runs it for every batch, and ``launch/bench.py train`` (train/bench_train.py) times it, so both
+    The trainer runs it for every batch, and ``launch/bench.py train`` (offloadfr/bench/train.py) times it, so both
     measure and train the same code. The head must have been told the batch's labels (``head.plan``) beforehand,
     as :func:`with_lookahead` does.
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from offloadfr.dist.env import DistEnv
+from offloadfr.distributed.env import DistEnv
 from offloadfr.errors import ConfigError, DataError
 
 __all__ = [

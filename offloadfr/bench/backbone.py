@@ -42,7 +42,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from offloadfr.train.bench_rows import device_name, emit_row, markdown_table, run_in_own_process
+from offloadfr.bench.rows import device_name, emit_row, markdown_table, run_in_own_process
 
 __all__ = ["bench_one", "main", "table", "ENGINES", "VARIANTS", "Variant", "ds_config_for", "profile_path",
            "summarise_profile"]
@@ -461,7 +461,7 @@ def main(argv: list[str]) -> int:
                     "channels_last": args.channels_last, "profile": args.profile}
             if ds_set and engine != "plain":
                 spec["ds_set"] = ds_set
-            row = run_in_own_process("offloadfr.train.bench_backbone", spec, bench="backbone")
+            row = run_in_own_process("offloadfr.bench.backbone", spec, bench="backbone")
             failed += row["status"] != "ok"
             summary = row.pop("profile", None)
             emit_row(row, args.out)

@@ -49,7 +49,7 @@ from typing import Any
 
 from offloadfr.config import Config, HeadCfg, LossCfg, load_config
 from offloadfr.errors import OffloadFRError
-from offloadfr.train.bench_rows import environment, markdown_table
+from offloadfr.bench.rows import environment, markdown_table
 
 __all__ = ["HEAD_NEEDS", "DEFAULT_MARGINS", "head_kinds", "margin_kinds", "plan_configs", "read_rows", "render_table",
            "main"]
@@ -231,7 +231,7 @@ def render_table(rows: list[dict[str, Any]], machine: str) -> str:
         newest[r["name"]] = r
     lines = [f"# Quality benchmark: heads and margins on the same data ({machine})", "",
              "Written by `python launch/bench.py quality --table` from the JSONL next to this file; every row is one "
-             "training run through `launch/train.py` (offloadfr/train/bench_quality.py says what each column is). "
+             "training run through `launch/train.py` (offloadfr/bench/quality.py says what each column is). "
              "Images seen = images through the trained backbone with a gradient (`train.batch_size` per step); "
              "`images decoded` adds the images only a no-gradient encoder reads (attfc's keys, dual's identity part). "
              "Accuracy is 10-fold verification on the held-out pairs with the flip test, ± the std over folds; one "

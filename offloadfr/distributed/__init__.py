@@ -3,7 +3,7 @@
 With one process (no process group) every primitive is the plain operation and runs no collective (STYLE R2).
 """
 
-from offloadfr.dist.collectives import (
+from offloadfr.distributed.collectives import (
     all_gather_labels,
     all_gather_rows,
     all_gather_rows_to_host,
@@ -13,10 +13,10 @@ from offloadfr.dist.collectives import (
     gather_batch_sizes,
     process_group_size,
 )
-from offloadfr.dist.env import DistEnv
-from offloadfr.dist.group import all_gather_objects, barrier, check_launch, destroy_process_group, init_process_group
-from offloadfr.dist.partition import ClassPartition
-from offloadfr.dist.sharded_ce import sharded_softmax_cross_entropy
+from offloadfr.distributed.env import DistEnv
+from offloadfr.distributed.group import all_gather_objects, barrier, check_launch, destroy_process_group, init_process_group
+from offloadfr.distributed.partition import ClassPartition
+from offloadfr.distributed.sharded_ce import sharded_softmax_cross_entropy
 
 __all__ = [
     "DistEnv",

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offloadfr.train.bench_rows import device_name, emit_row, environment, markdown_table, run_in_own_process
+from offloadfr.bench.rows import device_name, emit_row, environment, markdown_table, run_in_own_process
 
 __all__ = ["bench_one", "main", "make_labels", "table", "LABEL_ORDERS", "BACKBONE_ONLY", "TABLE_COLUMNS"]
 
@@ -219,7 +219,7 @@ def _resolve_config(spec: dict[str, Any]) -> Any:
                     precision=spec["precision"]),
             run=r(cfg.run, device=spec["device"]))
     if spec["engine"] != "plain":
-        from offloadfr.train.bench_backbone import ENGINES
+        from offloadfr.bench.backbone import ENGINES
 
         cfg = r(cfg, engine=r(cfg.engine, kind="deepspeed", deepspeed_config=ENGINES[spec["engine"]]))
     else:
@@ -238,7 +238,7 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from offloadfr.bank.zarr_bank import auto_chunk_rows
-    from offloadfr.dist import DistEnv
+    from offloadfr.distributed import DistEnv
     from offloadfr.heads import HeadDeps, build_head
     from offloadfr.losses import build_margin
     from offloadfr.models import build_backbone
@@ -395,7 +395,7 @@ def main(argv: list[str]) -> int:
         text = Path(argv[1]).read_text()
         print(table([row for row in map(json.loads, text.splitlines()) if row.get("bench") == "train"]))
         return 0
-    from offloadfr.train.bench_backbone import ENGINES
+    from offloadfr.bench.backbone import ENGINES
 
     p = argparse.ArgumentParser(prog="bench.py train", description=__doc__.splitlines()[0])
     p.add_argument("--num-classes", type=int, nargs="+", default=[1_000_000])
@@ -438,7 +438,7 @@ def main(argv: list[str]) -> int:
                     "precision": args.precision, "device": args.device, "warmup": args.warmup, "steps": args.steps,
                     "images_per_identity": args.images_per_identity, "bank_dir": args.bank_dir,
                     "config_file": args.config, "overrides": args.overrides}
-            row = run_in_own_process("offloadfr.train.bench_train", spec, bench="train")
+            row = run_in_own_process("offloadfr.bench.train", spec, bench="train")
             row.pop("config_file", None)
             failed += row["status"] == "error"  # running out of memory is a result (in-device heads at large N)
             if head == BACKBONE_ONLY and row["status"] == "ok":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offloadfr.dist.env import DistEnv
+from offloadfr.distributed.env import DistEnv
 from offloadfr.errors import ConfigError
 
 __all__ = ["ClassPartition"]

@@ -12,7 +12,7 @@ computed with two all-reduces: MAX of the row maxima, then one SUM of (sum-exp, 
 positives) stacked together. The loss is the mean over the B rows, identical on every rank. The backward is
 ``(softmax - onehot) · grad_out / B`` on the local columns: exactly this rank's columns of the gradient of the
 single-process loss, so class-center rows need no further reduction (the embedding gradient is summed over ranks by
-:func:`offloadfr.dist.all_gather_with_grad`).
+:func:`offloadfr.distributed.all_gather_with_grad`).
 
 World size 1 (no process group) is ``F.cross_entropy(logits_BC, target_B)`` verbatim, with no collective (STYLE R2).
 """
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from offloadfr.dist.collectives import Group, process_group_size
+from offloadfr.distributed.collectives import Group, process_group_size
 from offloadfr.errors import DataError
 
 __all__ = ["sharded_softmax_cross_entropy"]

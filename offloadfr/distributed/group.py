@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from offloadfr.dist.collectives import check_process_group
-from offloadfr.dist.env import DistEnv
+from offloadfr.distributed.collectives import check_process_group
+from offloadfr.distributed.env import DistEnv
 from offloadfr.errors import ConfigError
 
 __all__ = ["check_launch", "init_process_group", "barrier", "all_gather_objects", "destroy_process_group"]

@@ -168,7 +168,7 @@ def replay_bank_traffic(label_batches: list[torch.Tensor], *, num_classes: int, 
 
 
 def _bank_order_main(argv: list[str]) -> None:
-    """``python -m offloadfr.data.bench bank-order DATA``: one epoch of instance vs block order through the nvme tier
+    """``python -m offloadfr.bench.data bank-order DATA``: one epoch of instance vs block order through the nvme tier
     of ds_configs/runs/synth_tiny_pfc_nvme.toml (128 ids per block, 8 blocks in RAM, 1024 slots, D = 128)."""
     import json
     import tempfile
@@ -202,4 +202,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["bank-order"]:
         _bank_order_main(sys.argv[2:])
     else:
-        raise SystemExit("usage: python -m offloadfr.data.bench bank-order [DATA]")
+        raise SystemExit("usage: python -m offloadfr.bench.data bank-order [DATA]")
