@@ -153,7 +153,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import time
 
-    from offloadfr.data.convert import convert_folder, convert_rec
+    from offloadfr.data.convert_folder import convert_folder
+    from offloadfr.data.convert_rec import convert_rec
 
     common = {"samples_per_shard": args.samples_per_shard, "seed": args.seed, "check": args.check,
               "num_workers": args.workers, "progress": not args.quiet}

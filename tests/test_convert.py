@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from offloadfr.config import DataCfg, load_config
-from offloadfr.data.convert import CONVERT_NAME, IDENTITIES_NAME, ConvertSummary, convert_folder, convert_rec
+from offloadfr.data.convert_folder import IDENTITIES_NAME, convert_folder
+from offloadfr.data.convert_rec import convert_rec
+from offloadfr.data.convert_writer import CONVERT_NAME, ConvertSummary
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.recordio import (
     MAGIC,
@@ -69,7 +71,7 @@ def _stored(out: Path) -> dict[int, list[bytes]]:
 
 
 def _one_epoch_labels(out: Path, image_size: int = 16) -> tuple[Counter[int], int]:
-    cfg = DataCfg(path=str(out), generate_if_missing=False, num_workers=0, shuffle_buffer=8)
+    cfg = DataCfg(path=str(out), generate_if_missing=False, num_workers=0, shuffle_buffer=8, sampler="instance")
     loader = build_train_loader(cfg, image_size=image_size, batch_size=1, seed=0, epoch=0)
     labels: Counter[int] = Counter()
     for images_u8, lab in loader:

@@ -15,7 +15,7 @@ The format (dmlc-core ``recordio.h``, mxnet ``recordio.py``):
   (``label_dtype="float64"`` here), so that ids above 2**24 stay exact.
 - ``property``: text ``"num_classes,height,width"``.
 
-InsightFace packs come in two layouts, both read by :mod:`offloadfr.data.convert`:
+InsightFace packs come in two layouts, both read by :mod:`offloadfr.data.convert_rec`:
 
 - ``ranges`` (MS1MV2, MS1MV3, Glint360K, ...): record 0 is a header record, ``flag = 2``, ``label = (id_start,
   id_end)``, no payload. Image records are keys ``1 .. id_start-1``; records ``id_start .. id_end-1`` are identity
