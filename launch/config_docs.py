@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from offloadfr import config as config_module  # noqa: E402
+from offloadfr.config import head_defaults  # noqa: E402
 
 OUT = ROOT / "docs" / "config.md"
 
@@ -30,6 +31,17 @@ command line with `--set section.key=value` (the value is TOML: `64`, `0.1`, `tr
 `[1.0, 0.3, 0.2]`). `offloadfr train --print-config` prints the resolved config; every run saves it as
 `runs/<run.name>/config.toml`. A wrong key, type or range stops the command with exit code 2 and one line naming
 the key, the value and what is allowed.
+"""
+
+
+HEAD_DEFAULTS_HEADER = """
+## Per-head defaults
+
+A run that chooses `head.kind` gets that head's sampler (`data.sampler = "auto"`, the default) and, for each key
+below that neither the run file nor `--set` sets, the head's default instead of the one in the tables above. The
+precedence, lowest first: the tables above, the head's defaults, the run file, `--set`. The resolved config
+(`--print-config`, each run's `config.toml`) marks every value the head chose with a comment. The values come from
+`offloadfr/config/head_defaults.py`; docs/methods.md has the runs behind them.
 """
 
 
@@ -65,9 +77,9 @@ def _range(meta: typing.Mapping[str, float]) -> str:
 def render() -> str:
     lines = [HEADER]
     hints = typing.get_type_hints(config_module.Config)
-    for section in dataclasses.fields(config_module.Config):
-        cls = hints[section.name]
-        lines.append(f"\n## [{section.name}]\n\n{inspect.getdoc(cls).split(':', 1)[-1].strip()}\n")
+    for section in config_module.section_names():
+        cls = hints[section]
+        lines.append(f"\n## [{section}]\n\n{inspect.getdoc(cls).split(':', 1)[-1].strip()}\n")
         lines.append("| key | type | default | range | meaning |\n|---|---|---|---|---|")
         docs = _field_docs(cls)
         types = typing.get_type_hints(cls)
@@ -75,8 +87,19 @@ def render() -> str:
             default = f.default
             shown = f"`{list(default) if isinstance(default, tuple) else default!r}`".replace("'", '"')
             shown = shown.replace("True", "true").replace("False", "false")
-            lines.append(f"| `{section.name}.{f.name}` | {_type_name(types[f.name])} | {shown} | "
+            lines.append(f"| `{section}.{f.name}` | {_type_name(types[f.name])} | {shown} | "
                          f"{_range(f.metadata)} | {docs.get(f.name, '')} |")
+    lines.append(HEAD_DEFAULTS_HEADER)
+    lines.append("| head.kind | data.sampler (`auto`) | key | default for this head | the paper's or code's value "
+                 "| why |")
+    lines.append("|---|---|---|---|---|---|")
+    for kind, defaults in head_defaults.HEAD_DEFAULTS.items():
+        sampler = f"`{head_defaults.SAMPLER_OF_HEAD[kind]}`"
+        if not defaults:
+            lines.append(f"| `{kind}` | {sampler} | | (the defaults above) | | |")
+        for d in defaults:
+            value = f"`{d.value!r}`".replace("'", '"').replace("True", "true").replace("False", "false")
+            lines.append(f"| `{kind}` | {sampler} | `{d.key}` | {value} | {d.reference} | {d.why} |")
     return "\n".join(lines) + "\n"
 
 

@@ -44,8 +44,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tar = ", ".join(f"TAR@FAR={k} {v:.3f}" for k, v in ev["tar_at_far"].items())
         summary += f"\n  verification accuracy {ev['accuracy']:.4f} ± {ev['accuracy_std']:.4f} " \
                    f"(threshold {ev['threshold']:.3f}); {tar}"
+        for row in result.eval.get("packs", [])[1:]:
+            if "protocol" in row:  # eval.ijb
+                summary += f"\n  {row['protocol']}: " + ", ".join(f"TAR@FAR={k} {v:.4f}"
+                                                                  for k, v in row["tar_at_far"].items())
+    elif cfg.eval.at_end:
+        summary += "\n  not evaluated: no verification pack (set eval.pairs)"
     tb = ", tensorboard/" if (result.run_dir / "tensorboard").is_dir() else ""
-    summary += f"\n  outputs: {result.run_dir}/ (config.toml, metrics.jsonl{tb}, eval.json, checkpoints/)"
+    ev_file = ", eval.json" if result.eval is not None else ""
+    summary += f"\n  outputs: {result.run_dir}/ (config.toml, metrics.jsonl{tb}{ev_file}, checkpoints/)"
     summary += f"\n  next: offloadfr plot {result.run_dir}; offloadfr inspect run {result.run_dir}"
     print(summary)
     return 0
@@ -60,6 +67,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthCfg) if getattr(args, f.name) is not None}
     cfg = config_from_dict({"synth": given}).synth  # checks types and ranges like any config
+    _check_outputs(("--out", args.out), directory=True)
     t0 = time.perf_counter()
     index = generate_synthetic(Path(args.out), cfg, progress=not args.quiet)
     print(f"wrote {index.num_classes} identities, {index.num_samples} images and {cfg.num_pairs} verification pairs "
@@ -74,6 +82,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from offloadfr.train.checkpoint import load_checkpoint, load_checkpoint_config
     from offloadfr.train.trainer import evaluate_run
 
+    ijb_options = (args.protocol, args.flip, args.detector_score, args.media_pooling, args.normalize_images)
+    if not args.ijb and any(v is not None for v in ijb_options):
+        from offloadfr.errors import ConfigError
+
+        raise ConfigError("--protocol, --[no-]flip, --[no-]detector-score, --[no-]media-pooling and "
+                          "--[no-]normalize-images choose how --ijb evaluates; add --ijb ROOT")
     cfg = load_checkpoint_config(args.checkpoint)
     state, ckpt_dir = load_checkpoint(args.checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +96,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model.load_state_dict(state["engine"]["model"])
     model.to(device)
     pairs = args.pairs or list(cfg.eval.pairs) or [str(Path(cfg.data.path) / "pairs.bin")]
+    if args.ijb:  # IJB-B/C instead of the packs (unless --pairs is given too), with the run's [eval] choices
+        import dataclasses
+
+        given = {"ijb": args.ijb, "ijb_protocol": args.protocol, "flip": args.flip,
+                 "ijb_detector_score": args.detector_score, "ijb_media_pooling": args.media_pooling,
+                 "ijb_normalize_images": args.normalize_images}
+        cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+            cfg.eval, **{k: v for k, v in given.items() if v is not None}))
+        pairs = args.pairs or []
     run_dir = ckpt_dir.parent.parent
     out = evaluate_run(model, cfg, pairs, run_dir, step=state.get("step"))
     for row in out.get("packs", [out]):
@@ -107,6 +130,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if not (args.onnx or args.torchscript or args.state_dict):
         raise ConfigError("nothing to export; give --onnx OUT.onnx, --torchscript OUT.pt and/or --state-dict OUT.pt")
+    _check_outputs(("--onnx", args.onnx), ("--torchscript", args.torchscript), ("--state-dict", args.state_dict))
     model, cfg, ckpt_dir = load_backbone(args.checkpoint)
     print(f"exporting the backbone of {ckpt_dir}")
     m = cfg.model
@@ -128,6 +152,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from offloadfr.tools.backbone import load_backbone
     from offloadfr.tools.embed import embed_files
 
+    _check_outputs(("--out", args.out))
     model, cfg, _ = load_backbone(args.checkpoint)
     emb = embed_files(model, args.images, image_size=cfg.model.image_size, batch_size=args.batch_size,
                       flip=args.flip)
@@ -156,6 +181,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from offloadfr.data.convert_folder import convert_folder
     from offloadfr.data.convert_rec import convert_rec
 
+    _check_outputs(("OUT", args.out), directory=True)
     common = {"samples_per_shard": args.samples_per_shard, "seed": args.seed, "check": args.check,
               "num_workers": args.workers, "progress": not args.quiet}
     t0 = time.perf_counter()
@@ -165,6 +191,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         summary = convert_rec(args.path, args.out, layout=args.layout, label_dtype=args.label_dtype, **common)
     print(f"{summary} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _check_outputs(*named: tuple[str, str | None], directory: bool = False) -> None:
+    """Refuses, before any work, an output path (``(option, path)``; None: not given) that cannot be written: one
+    line and exit code 2 (``OutputPathError``) instead of a traceback at the end."""
+    from offloadfr.train.preflight import check_output
+
+    for option, path in named:
+        if path:
+            check_output(path, option, directory=directory)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -194,9 +230,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
 
-    p = sub.add_parser("eval", help="verification accuracy of a checkpoint on .bin pair packs")
+    p = sub.add_parser("eval", help="verification of a checkpoint on .bin pair packs or IJB-B/IJB-C templates")
     p.add_argument("--checkpoint", required=True, help="runs/<name>/checkpoints/step_N, or a run directory")
     p.add_argument("--pairs", nargs="+", help="verification packs (default: the run's eval.pairs or pairs.bin)")
+    p.add_argument("--ijb", metavar="ROOT", help="IJB root (meta/, loose_crop/; docs/ijb.md): 1:1 template "
+                   "verification, TAR@FAR 1e-6..1e-1 (with --pairs: after the packs)")
+    p.add_argument("--protocol", choices=["IJBC", "IJBB"], help="IJB meta files to use (default: eval.ijb_protocol)")
+    for flag, what in (("flip", "flip test"), ("detector-score", "weight images by detector score"),
+                       ("media-pooling", "average each media's images first"),
+                       ("normalize-images", "L2-normalise image features before pooling")):
+        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, help=f"IJB: {what} (default: the run's "
+                       "[eval] value)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="PNGs of a run (loss, lr, throughput, prefetch stall, ROC) in RUN_DIR/plots/")

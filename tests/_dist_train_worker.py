@@ -2,7 +2,8 @@
 
 Usage: ``[RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p] python -m tests._dist_train_worker OUT_DIR``.
 Without ``WORLD_SIZE`` it is the 1-process reference. Writes ``OUT_DIR/rank{r}_w{W}.pt``: per head kind, the loss, the
-backbone gradients (after DDP's average) and the gradient of every class center (N × D, all ranks' rows summed in).
+backbone gradients (after DDP's average) and the gradient of every class center (N × D, all ranks' rows summed in);
+under ``"state"``, per partitioned kind (``fc``, ``vfc``), what this rank's ``head.state_dict()`` holds.
 
 The parts are the real ones the trainer uses: the ``tiny`` backbone under :class:`PlainEngine` (DistributedDataParallel
 when W > 1), heads from :func:`build_head` with the rank and world size (``partial_fc`` over a real Zarr bank, one
@@ -19,6 +20,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,8 +29,9 @@ from offloadfr.config import BankCfg, CacheCfg, HeadCfg, LossCfg, TrainCfg
 from offloadfr.distributed import (
     DistEnv,
     all_gather_labels,
-    all_gather_rows_to_host,
+    all_gather_objects,
     destroy_process_group,
+    gather_rows_to_main,
     init_process_group,
 )
 from offloadfr.heads import HeadDeps, build_head
@@ -61,14 +64,21 @@ def _center_grads(head: torch.nn.Module, kind: str) -> torch.Tensor:
     return full_ND
 
 
-def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+def _all_rows(rows_CD: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of a partitioned matrix, on every rank (ranges are contiguous, in rank order)."""
+    if not dist.is_initialized():
+        return rows_CD.clone()
+    return torch.cat(all_gather_objects(rows_CD))
+
+
+def run(out_dir: Path) -> dict[str, dict[str, Any]]:
     env = DistEnv.from_env("cpu")
     g = torch.Generator().manual_seed(7)
     images_N = torch.rand(ROWS, 3, IMAGE, IMAGE, generator=g) * 2 - 1
     labels_N = torch.tensor(LABELS)
     per_rank = ROWS // env.world_size
     rows = slice(env.rank * per_rank, (env.rank + 1) * per_rank)
-    results: dict[str, dict[str, torch.Tensor]] = {}
+    results: dict[str, dict[str, Any]] = {"state": {}}
     for kind in KINDS:
         spec, _, loss_kind = kind.partition("/")
         head_kind, _, ds_json = spec.partition("+")
@@ -97,15 +107,18 @@ def run(out_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             results[kind] = {"loss": loss.detach(), "centers": _center_grads(head, head_kind), **grads,
                              **{f"margin.{name}": value.clone() for name, value in margin.state_dict().items()}}
             if head_kind == "vfc":  # the anchors after this step's overwrite (the loan included), all M of them
-                results[kind]["anchors"] = head.state_dict()["weight"].clone()
-            if kind == "fc":  # a state_dict holds all N rows on any number of processes
-                results[kind]["state_rows"] = head.state_dict()["weight"].clone()
+                results[kind]["anchors"] = _all_rows(head.weight.detach())
+            if kind == "fc":
                 results[kind]["gathered_labels"] = all_gather_labels(labels_N[rows])
-                results[kind]["gathered_rows"] = gather_partitioned_rows(head.weight.detach(), head.partition)
+            if kind in ("fc", "vfc"):  # the rows a checkpoint holds: all N (M) of them on rank 0, none on the others
+                state = head.state_dict()
                 sizes = [end - start for start, end in map(head.partition.range_of, range(env.world_size))]
-                # 3 rows per rank per chunk: several chunks, the last one partial, ranks of unequal size
-                results[kind]["rows_by_chunks"] = all_gather_rows_to_host(
-                    head.weight.detach(), sizes, chunk_bytes=env.world_size * 3 * DIM * 4)
+                results["state"][kind] = {
+                    "keys": sorted(state), "weight": state.get("weight"), "momentum_buf": state.get("momentum_buf"),
+                    "gathered_rows": gather_partitioned_rows(head.weight.detach(), head.partition),
+                    # 3 rows per rank per chunk: several chunks, the last one partial, ranks of unequal size
+                    "rows_by_chunks": gather_rows_to_main(head.weight.detach(), sizes,
+                                                          chunk_bytes=env.world_size * 3 * DIM * 4)}
         finally:
             head.close()
     return results

@@ -1,4 +1,5 @@
-"""One rank of the 2-process gloo test of ``offloadfr.distributed`` (run by tests/test_dist.py, not collected by pytest).
+"""One rank of the 2-process gloo test of ``offloadfr.distributed`` (run by tests/test_dist.py, not collected by
+pytest).
 
 Usage: ``RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python -m tests._dist_worker OUT_DIR``; writes
 ``OUT_DIR/rank{r}.pt`` with, per scenario, the loss and the gradients this rank computed.

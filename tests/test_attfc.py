@@ -262,7 +262,8 @@ def test_attfc_trains_through_the_trainer_and_resumes(tmp_path: Path) -> None:
     from offloadfr.train.checkpoint import load_checkpoint
     from offloadfr.train.trainer import train
 
-    base = [*_base(tmp_path), "data.sampler=attention", "head.kind=attfc", "train.scheduler=cosine"]
+    base = [*_base(tmp_path), "data.sampler=attention", "head.kind=attfc", "train.scheduler=cosine",
+            "head.queue_fraction=0.3"]
     first = train(load_config(REPO / "ds_configs/runs/synth_tiny.toml",
                               [*base, "run.name=att", "train.max_steps=3", "eval.at_end=false"]))
     state, _ = load_checkpoint(first.checkpoint)

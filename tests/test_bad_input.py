@@ -5,6 +5,7 @@ deep in a run (or into silent acceptance)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -107,6 +108,50 @@ def _eval_missing_pairs(root: Path) -> list[str]:
     return ["eval", "--checkpoint", str(root / "runs" / "ok"), "--pairs", str(root / "nope.bin")]
 
 
+def _a_file(root: Path) -> Path:
+    """A regular file: a path under it can never be created (portable, unlike permissions, which root ignores)."""
+    f = root / "a_file"
+    f.write_text("not a directory\n")
+    return f
+
+
+def _truncated_pack(root: Path) -> list[str]:
+    pack = root / "truncated.bin"
+    pack.write_bytes((root / "data" / "pairs.bin").read_bytes()[:500])
+    return ["train", *_sets(root, "x", "eval.at_end=true", f"eval.pairs=['{pack}']")]
+
+
+def _broken_checkpoint(root: Path, dest: str, damage: Callable[[Path], None]) -> list[str]:
+    ckpt = root / dest / "step_00000010"
+    if not ckpt.exists():
+        shutil.copytree(root / "runs" / "ok" / "checkpoints" / "step_00000010", ckpt)
+        damage(ckpt)
+    return ["train", "--resume", str(ckpt), *_sets(root, "x")]
+
+
+def _bad_ds_json(root: Path) -> list[str]:
+    (root / "bad_ds.json").write_text('{"zero_optimization": {"stage": 2},}')
+    return ["train", *_sets(root, "x", "engine.kind=deepspeed", f"engine.deepspeed_config={root / 'bad_ds.json'}")]
+
+
+def _ijb(root: Path, dest: str, damage: Callable[[Path], None]) -> list[str]:
+    """`offloadfr eval --ijb` of the run "ok" on a tiny IJB-C layout (tests/_ijb_fixture.py) damaged by ``damage``."""
+    from tests._ijb_fixture import build_ijb_fixture
+
+    ijb = root / dest
+    if not ijb.exists():
+        build_ijb_fixture(ijb, num_identities=3, templates_per_identity=2)
+        damage(ijb)
+    return ["eval", "--checkpoint", str(root / "runs" / "ok"), "--ijb", str(ijb), "--protocol", "IJBC"]
+
+
+def _drop_field(ijb: Path) -> None:
+    path = ijb / "meta" / "ijbc_name_5pts_score.txt"
+    lines = path.read_text().splitlines()
+    lines[1] = " ".join(lines[1].split()[:-1])  # the detector score missing
+    path.write_text("\n".join(lines) + "\n")
+
+
 Case = tuple[str, Callable[[Path], list[str]], str]
 CASES: list[Case] = [
     ("unknown key", lambda r: ["train", "--set", "train.batchsize=3"], "unknown config key 'train.batchsize'"),
@@ -146,6 +191,37 @@ CASES: list[Case] = [
     ("eval of a missing checkpoint", lambda r: ["eval", "--checkpoint", str(r / "nope")], "nope"),
     ("eval of a missing pack", _eval_missing_pairs, "nope.bin"),
     ("convert of a missing folder", _convert_missing, "nope"),
+    ("run name leaving output_dir", lambda r: ["train", *_sets(r, "../../escaped")],
+     "run.name = '../../escaped' is not a single directory name"),
+    ("unwritable run directory", lambda r: ["train", *_sets(r, "x", f"run.output_dir={_a_file(r) / 'runs'}")],
+     "the run directory (run.output_dir / run.name)"),
+    ("unwritable bank.path", lambda r: ["train", *_sets(r, "x", "head.kind=partial_fc", "bank.tier=nvme",
+                                                        f"bank.path={_a_file(r) / 'bank'}")],
+     "the bank directory (bank.path)"),
+    ("eval.pairs typo", lambda r: ["train", *_sets(r, "x", "eval.at_end=true", f"eval.pairs=['{r / 'pairz.bin'}']")],
+     "eval.pairs: verification pack"),
+    ("truncated pack", _truncated_pack, "is not a readable pickle"),
+    ("resume of a missing checkpoint", lambda r: ["train", "--resume", str(r / "nope"), *_sets(r, "x")],
+     "does not exist"),
+    ("resume of an incomplete checkpoint",
+     lambda r: _broken_checkpoint(r, "no_config", lambda c: (c / "config.toml").unlink()),
+     "is incomplete (no config.toml)"),
+    ("resume of a truncated state.pt",
+     lambda r: _broken_checkpoint(r, "cut_state", lambda c: os.truncate(c / "state.pt", 1000)), "is damaged"),
+    ("invalid DeepSpeed JSON", _bad_ds_json, "is not valid JSON"),
+    ("export to an unwritable path", lambda r: ["export", str(r / "runs" / "ok"), "--onnx",
+                                                str(_a_file(r) / "model.onnx")], "--onnx"),
+    ("synth to an unwritable path", lambda r: ["synth", "--out", str(_a_file(r) / "s")], "--out"),
+    ("IJB meta file missing",
+     lambda r: _ijb(r, "ijb_no_pairs", lambda d: (d / "meta" / "ijbc_template_pair_label.txt").unlink()),
+     "ijbc_template_pair_label.txt does not exist"),
+    ("IJB landmark row of 11 fields", lambda r: _ijb(r, "ijb_fields", _drop_field),
+     "ijbc_name_5pts_score.txt, line 2: 11 fields; expected 12"),
+    ("IJB image that does not decode",
+     lambda r: _ijb(r, "ijb_corrupt", lambda d: (d / "loose_crop" / "2.jpg").write_bytes(b"\xff\xd8 cut")),
+     "2.jpg (line 2 of ijbc_name_5pts_score.txt) cannot be decoded"),
+    ("IJB option without --ijb", lambda r: ["eval", "--checkpoint", str(r / "runs" / "ok"), "--protocol", "IJBB"],
+     "add --ijb ROOT"),
 ]
 
 

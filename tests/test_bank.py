@@ -392,7 +392,7 @@ def test_open_bank_accepts_reordered_arrays_and_warns_on_ignored_seed(tmp_path: 
 
 def test_ram_tier_that_does_not_fit_is_refused_before_training(tmp_path: Path) -> None:
     """Catches a ram-tier bank that would exhaust host memory hours into a run instead of failing up front."""
-    from offloadfr.bank.zarr_bank import check_ram_fits
+    from offloadfr.bank.ram_tier import check_ram_fits
     from offloadfr.config import BankCfg
 
     check_ram_fits(num_classes=1000, dim=512, num_arrays=2, available=10 * 2**30)

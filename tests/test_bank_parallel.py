@@ -20,8 +20,8 @@ import torch
 from offloadfr.bank import ZarrBank, open_bank
 from offloadfr.bank.base import ClassBank
 from offloadfr.bank.init import _COL_BITS, _GAMMA, _TWO_PI_2_32, _seed_key, initial_rows_np
+from offloadfr.bank.io_pool import default_io_threads
 from offloadfr.bank.testing import BankContract
-from offloadfr.bank.zarr_bank import default_io_threads
 from offloadfr.config import BankCfg, load_config
 from offloadfr.errors import BankError, ConfigError, DiskFullError
 
@@ -330,7 +330,7 @@ def test_only_the_raw_layout_is_read_directly(tmp_path: Path) -> None:
     import zarr
     from zarr.codecs import BytesCodec
 
-    from offloadfr.bank.zarr_bank import _is_raw_layout
+    from offloadfr.bank.layout import _is_raw_layout
 
     group = zarr.open_group(tmp_path / "g", mode="w")
     raw = group.create_array("raw", shape=(16, D), chunks=(8, D), dtype="float32", compressors=None, filters=None)

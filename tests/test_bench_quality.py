@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from offloadfr.bench.quality import HEAD_NEEDS, head_kinds, plan_configs, render_table
+from offloadfr.bench.quality import head_kinds, plan_configs, render_table
+from offloadfr.config import load_config
+from offloadfr.config.head_defaults import SAMPLER_OF_HEAD
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,11 +19,13 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_head_kind_has_its_needs_and_runs_by_default() -> None:
     """Catches a head added to ``head.kind`` (e.g. dcp) that the bench would run without its sampler, and a
     margin configuration planned twice."""
-    assert set(head_kinds()) <= set(HEAD_NEEDS), "add the new head's needs (its sampler) to HEAD_NEEDS"
+    assert set(head_kinds()) <= set(SAMPLER_OF_HEAD), "add the new head's sampler to SAMPLER_OF_HEAD"
     names = [c["name"] for c in plan_configs(["fc", "attfc"], ["arcface", "cosface"], "arcface")]
     assert names == ["fc+arcface", "attfc+arcface", "fc+cosface"]
     attfc = plan_configs(["attfc"], [], "arcface")[0]["overrides"]
-    assert "data.sampler=attention" in attfc and attfc[0] == "head.kind=attfc"
+    assert attfc[0] == "head.kind=attfc" and load_config(None, attfc).data.sampler == "attention"
+    only = plan_configs(["partial_fc"], [], "arcface", bench_overrides=False)[0]["overrides"]
+    assert only == ["head.kind=partial_fc", "loss.kind=arcface"]  # --head-kind-only: what a user sets
 
 
 def _tiny(tmp_path: Path) -> list[str]:
@@ -46,7 +50,7 @@ def test_quality_bench_rows_table_and_resume(tmp_path: Path) -> None:
     assert [r["name"] for r in rows] == ["fc+arcface", "attfc+arcface", "fc+cosface"]
     assert [r["sampler"] for r in rows] == ["instance", "attention", "instance"]
     assert len({r["images_seen"] for r in rows}) == 1 and rows[0]["images_seen"] == rows[0]["steps"] * 16
-    assert rows[1]["images_decoded"] == 5 * rows[1]["images_seen"]  # a query and 4 key images (HEAD_NEEDS)
+    assert rows[1]["images_decoded"] == 5 * rows[1]["images_seen"]  # a query and 4 key images (attfc's head default)
     for r in rows:
         assert r["status"] == "ok", r
         assert r["steps_trained"] == r["steps"] >= 2

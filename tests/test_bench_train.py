@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from offloadfr.bench.train import make_labels
 from offloadfr.data.samplers import SamplerSpec, plan_epoch
 from offloadfr.data.shards import DatasetIndex, ShardInfo
 from offloadfr.errors import ConfigError
-from offloadfr.bench.train import make_labels
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,8 +115,8 @@ def test_block_labels_follow_the_block_sampler() -> None:
 def test_head_backward_interval_ends_between_head_and_backbone_gradients() -> None:
     """The head share's backward part ends after the head's own row gradient and before any backbone gradient:
     catches a marker that closes the interval too early (head work counted as backbone) or too late."""
-    from offloadfr.heads import Head
     from offloadfr.bench.train import _Clock, _timed_head
+    from offloadfr.heads import Head
 
     order: list[str] = []
 

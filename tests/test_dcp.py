@@ -252,7 +252,8 @@ def _base(tmp_path: Path) -> list[str]:
             "synth.num_identities=24", "synth.num_holdout=8", "synth.num_pairs=40", "synth.min_images=4",
             "synth.max_images=12", "synth.mean_images=8.0", "synth.samples_per_shard=50", "data.num_workers=0",
             "train.batch_size=16", "train.log_every=2", "train.warmup_steps=0", "eval.batch_size=32",
-            "head.kind=dcp", "data.sampler=dual", "head.pool_fraction=0.5", "train.scheduler=cosine"]
+            "head.kind=dcp", "data.sampler=dual", "head.pool_fraction=0.5", "train.scheduler=cosine",
+            "head.gallery_momentum=0.99"]
 
 
 @pytest.mark.slow

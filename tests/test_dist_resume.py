@@ -2,7 +2,8 @@
 2 resumes on 1, for fc (rows gathered into the checkpoint), partial_fc (one global Zarr bank), vfc (anchors gathered
 like fc's rows), dcp and attfc (the pool or queue, the same on every rank) and the DeepSpeed engine (consolidated
 weights and the optimizer state by parameter name). Each hop first re-saves the checkpoint it loaded without training
-(max_steps = its step), which must reproduce the saved state exactly, then trains on."""
+(max_steps = its step), which must reproduce the saved state exactly, then trains on. Below the trainer, fc's and
+vfc's rows saved by 2 ranks (gathered on rank 0 alone) load on 1 and on 3 processes."""
 
 from __future__ import annotations
 
@@ -101,3 +102,29 @@ def test_resume_across_process_counts(tmp_path: Path, head: str, engine: str) ->
     _assert_same(_state(tmp_path, "c", 5, head, engine), saved_on_2)
     _train(tmp_path, "c", 1, head, engine, max_steps=6, resume=True)
     assert _state(tmp_path, "c", 6, head, engine)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fc", "vfc"])
+def test_rows_saved_on_2_ranks_load_on_1_and_3(tmp_path: Path, kind: str) -> None:
+    """37 rows (fc's classes, vfc's anchors; uneven over 2 and 3 ranks) saved by 2 gloo ranks, where only rank 0
+    gathers them, then loaded on 1 and 3 processes (tests/_dist_ckpt_worker.py): catches a checkpoint missing rank
+    1's rows, rows out of rank order, or a load that keeps the wrong range on a process count that did not write it.
+    Each loading count must also save exactly the rows it loaded, and rank 1 of the writers must hold none of them."""
+    worker = [sys.executable, "-m", "tests._dist_ckpt_worker"]
+    run_ranks([*worker, "save", str(tmp_path)], 2, timeout_s=TIMEOUT_S, what="save on 2")
+    state, _ = load_checkpoint(tmp_path / "ckpt")
+    saved = state[kind]
+    marked = torch.arange(37, dtype=torch.float32)[:, None] * 100 + torch.arange(8, dtype=torch.float32)
+    assert torch.equal(saved["weight"], marked) and torch.equal(saved["momentum_buf"], -marked)
+    writers = [torch.load(tmp_path / f"save_rank{r}.pt", weights_only=True)[kind] for r in range(2)]
+    assert {"weight", "momentum_buf"} <= set(writers[0]["keys"])
+    assert not {"weight", "momentum_buf"} & set(writers[1]["keys"]), writers[1]["keys"]
+    assert writers[1]["tensor_bytes"] < marked.numel() * 4, writers[1]  # not even one array of the N rows
+    for world in (1, 3):
+        run_ranks([*worker, "load", str(tmp_path)], world, timeout_s=TIMEOUT_S, what=f"load on {world}")
+        ranks = [torch.load(tmp_path / f"load_rank{r}_w{world}.pt", weights_only=True)[kind] for r in range(world)]
+        assert [r["range"] for r in ranks] == ([(0, 37)] if world == 1 else [(0, 13), (13, 25), (25, 37)])
+        for name in ("weight", "momentum_buf"):
+            assert torch.equal(torch.cat([r[name] for r in ranks]), saved[name]), (world, name)
+            assert torch.equal(ranks[0]["resaved"][name], saved[name]), (world, name)

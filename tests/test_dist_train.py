@@ -54,12 +54,26 @@ def test_two_ranks_match_one_process(runs: tuple[list[dict[str, Any]], dict[str,
             assert ref[name].abs().sum() > 0 or name.endswith("running_mean"), f"{kind}/{name}: zero gradient"
             rel = _rel(got[name], ref[name])
             assert rel < RTOL, f"{kind}/{name} rank {rank}: relative difference {rel}"
-    # fc: the checkpoint rows are global (gathered) on every rank, and equal the 1-process rows
-    if kind == "fc":
-        for res in two:
-            assert torch.equal(res["fc"]["state_rows"], one["fc"]["state_rows"])
-            assert torch.equal(res["fc"]["gathered_rows"], one["fc"]["state_rows"])
-            assert torch.equal(res["fc"]["rows_by_chunks"], one["fc"]["state_rows"])
+    # fc, vfc: the checkpoint rows are global (gathered) on rank 0 and equal the 1-process rows; see below for rank 1
+    if kind in ("fc", "vfc"):
+        rows, main = one["state"][kind]["weight"], two[0]["state"][kind]
+        if kind == "vfc":
+            assert torch.equal(rows, one[kind]["anchors"])
+        assert torch.equal(main["weight"], rows)
+        assert torch.equal(main["gathered_rows"], rows)
+        assert torch.equal(main["rows_by_chunks"], rows)
+        assert main["keys"] == one["state"][kind]["keys"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fc", "vfc"])
+def test_only_rank0_holds_the_checkpoint_rows(runs: tuple[list[dict[str, Any]], dict[str, Any]], kind: str) -> None:
+    """Catches a state_dict that builds all N rows in every rank's host memory (8 copies of 41 GB on one host at 10M
+    ids) although only rank 0 writes them: rank 1's state leaves the rows out, and so do its gathers."""
+    two, _ = runs
+    other = two[1]["state"][kind]
+    assert "weight" not in other["keys"] and "momentum_buf" not in other["keys"], other["keys"]
+    assert other["weight"] is None and other["gathered_rows"] is None and other["rows_by_chunks"] is None
 
 
 def test_partition_aligned_to_bank_blocks() -> None:

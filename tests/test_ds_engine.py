@@ -20,18 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from offloadfr.bench.backbone import module_forward
 from offloadfr.config import EngineCfg, TrainCfg
 from offloadfr.errors import CheckpointError, ConfigError, NonFiniteError
 from offloadfr.models import build_backbone
-from offloadfr.bench.backbone import module_forward
-from offloadfr.train.ds_engine import (
-    DeepSpeedEngine,
-    build_engine,
-    consolidate_checkpoint,
-    ensure_dist_env,
-    load_ds_config,
-    resolve_ds_config,
-)
+from offloadfr.train.ds_config import load_ds_config, resolve_ds_config
+from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine, ensure_dist_env
+from offloadfr.train.ds_state import consolidate_checkpoint
 from offloadfr.train.engine import PlainEngine
 
 from .conftest import DEVICE, single_process_afterwards

@@ -31,7 +31,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(path: Path, *, num_workers: int = 2, shuffle_buffer: int = 64) -> DataCfg:
-    return DataCfg(path=str(path), generate_if_missing=False, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
+    return DataCfg(path=str(path), generate_if_missing=False, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                   sampler="instance")
 
 
 def _stored_images(path: Path) -> dict[bytes, tuple[str, int]]:

@@ -195,7 +195,7 @@ def test_vfc_trains_through_the_trainer(tmp_path: Path) -> None:
             "synth.num_identities=24", "synth.num_holdout=8", "synth.num_pairs=40", "synth.min_images=4",
             "synth.max_images=12", "synth.mean_images=8.0", "synth.samples_per_shard=50", "data.num_workers=0",
             "train.batch_size=16", "train.log_every=2", "train.warmup_steps=0", "eval.batch_size=32",
-            "head.kind=vfc", "head.num_anchors=12"]
+            "head.kind=vfc", "head.num_anchors=12", "data.sampler=instance"]
     start = train(load_config(REPO / "ds_configs/runs/synth_tiny.toml", [*base, "run.name=v0", "train.max_steps=1",
                                                                         "eval.at_end=false"]))
     result = train(load_config(REPO / "ds_configs/runs/synth_tiny.toml", [*base, "run.name=vfc", "train.epochs=2"]))

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from offloadfr.bank.base import ClassBank
 from offloadfr.bank.init import initial_rows
+from offloadfr.bank.layout import auto_chunk_rows
 from offloadfr.bank.memory import MemoryBank
-from offloadfr.bank.zarr_bank import ZarrBank, auto_chunk_rows, open_bank
+from offloadfr.bank.zarr_bank import ZarrBank, open_bank
 
 __all__ = ["ClassBank", "MemoryBank", "ZarrBank", "auto_chunk_rows", "initial_rows", "open_bank"]

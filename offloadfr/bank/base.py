@@ -2,9 +2,12 @@
 
 Legend: N = num_classes, D = dim, n = number of ids in one call.
 
-A bank holds one or more named arrays of shape (N, D) (``"centers"``, and ``"momentum"`` for learned heads). Rows
-move in and out by global class id; a bank never sees slots (STYLE R12). Implementations: ``MemoryBank`` (the
-reference) and ``ZarrBank`` (ram and nvme tiers). Every implementation passes ``bank.testing.BankContract``.
+A bank holds one or more named arrays of shape (N, D) (``"centers"``, and ``"momentum"`` for learned heads). Rows move
+in and out by global class id; a bank never sees slots (STYLE R12). A bank stores its rows in one dtype (``dtype``:
+float32, or bfloat16 with ``bank.dtype = "bfloat16"``): reads return that dtype, and writes round whatever they get to
+it (to nearest; a caller that wants another rounding rounds first, ``bank.dtypes.round_rows``). Implementations:
+``MemoryBank`` (the reference) and ``ZarrBank`` (ram and nvme tiers). Every implementation passes
+``bank.testing.BankContract``.
 """
 
 from __future__ import annotations
@@ -25,23 +28,27 @@ class ClassBank(ABC):
         dim: D, the row width.
         arrays: names of the (N, D) arrays the bank holds, e.g. ``("centers", "momentum")``.
         read_only: when true, ``write_rows``, ``prepare`` and ``flush`` raise.
+        dtype: the dtype the rows are stored, read and written in (``torch.float32`` or ``torch.bfloat16``).
     """
 
     num_classes: int
     dim: int
     arrays: tuple[str, ...]
     read_only: bool
+    dtype: torch.dtype = torch.float32
 
     @abstractmethod
     def read_rows(self, ids: torch.Tensor, array: str = "centers") -> torch.Tensor:
-        """Returns the rows of ``ids`` (int64, shape (n,), any order, may repeat) as a float32 (n, D) CPU tensor.
+        """Returns the rows of ``ids`` (int64, shape (n,), any order, may repeat) as an (n, D) CPU tensor of
+        ``dtype``.
 
         Rows never written hold their deterministic initial value (seeded by (seed, id)).
         """
 
     @abstractmethod
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
-        """Stores ``rows`` (n, D) at ``ids`` (int64, shape (n,), unique)."""
+        """Stores ``rows`` (n, D, any floating dtype: rounded to ``dtype`` to nearest) at ``ids`` (int64, shape (n,),
+        unique)."""
 
     # ------------------------------------------------------------------ two-phase flush (checkpoints)
     #

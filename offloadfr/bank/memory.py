@@ -3,9 +3,10 @@
 Legend: N = num_classes, D = dim, n = number of ids in one call.
 
 It defines the semantics every bank must match (``bank.testing.BankContract``): untouched ``"centers"`` rows equal
-``bank.init.initial_rows`` and other arrays start at zero, reads take ids in any order with repeats, writes take
-unique ids, and an id outside ``[0, N)`` raises ``BankError`` (a ``ValueError``; the bank treats a bad id as bad
-input, not as a Python sequence index). The validation helpers here are shared with ``ZarrBank``.
+``bank.init.initial_rows`` (rounded to the bank's dtype to nearest) and other arrays start at zero, rows are stored in
+the bank's dtype (a write rounds to nearest, a read returns the stored values exactly), reads take ids in any order with
+repeats, writes take unique ids, and an id outside ``[0, N)`` raises ``BankError`` (a ``ValueError``; the bank treats a
+bad id as bad input, not as a Python sequence index). The validation helpers here are shared with ``ZarrBank``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from offloadfr.bank.base import ClassBank
+from offloadfr.bank.dtypes import torch_dtype
 from offloadfr.bank.init import initial_block
 from offloadfr.errors import BankError
 
@@ -67,15 +69,16 @@ def _check_ids(ids: torch.Tensor, num_classes: int, *, unique: bool) -> torch.Te
     return ids
 
 
-def _check_rows(rows: torch.Tensor, num_ids: int, dim: int) -> torch.Tensor:
-    """Returns ``rows`` as a float32 CPU tensor of shape (n, D), raising BankError on a bad shape or dtype."""
+def _check_rows(rows: torch.Tensor, num_ids: int, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Returns ``rows`` as a CPU tensor of ``dtype`` (rounded to nearest) and shape (n, D), raising BankError on a bad
+    shape or dtype."""
     if not isinstance(rows, torch.Tensor) or not rows.dtype.is_floating_point:
         raise BankError(f"rows must be a floating-point tensor, got {type(rows).__name__} "
                         f"{getattr(rows, 'dtype', '')}")
     if tuple(rows.shape) != (num_ids, dim):
         raise BankError(f"rows have shape {tuple(rows.shape)} but {num_ids} ids of a D={dim} bank need "
                         f"({num_ids}, {dim})")
-    return rows.detach().to(device="cpu", dtype=torch.float32)
+    return rows.detach().to(device="cpu", dtype=dtype)
 
 
 def _check_step(step: int) -> int:
@@ -97,7 +100,7 @@ def _check_commit(pending: int | None, step: int, what: str) -> None:
 
 
 class MemoryBank(ClassBank):
-    """All arrays as (N, D) float32 CPU tensors; nothing is persisted.
+    """All arrays as (N, D) CPU tensors of ``dtype``; nothing is persisted.
 
     The two-phase flush keeps a copy of the committed rows, so ``rollback`` restores them exactly as ``ZarrBank``
     does after a crash.
@@ -109,9 +112,10 @@ class MemoryBank(ClassBank):
         init_std: standard deviation of the initial centers.
         seed: seed of the per-id initialiser.
         read_only: when true, ``write_rows`` and ``flush`` raise ``BankError``.
+        dtype: ``"float32"`` or ``"bfloat16"`` (``bank.dtype``): the dtype rows are stored and returned in.
 
     Raises:
-        BankError: a size or an array name is invalid.
+        BankError: a size, an array name or the dtype is invalid.
 
     Example::
 
@@ -121,15 +125,16 @@ class MemoryBank(ClassBank):
     """
 
     def __init__(self, num_classes: int, dim: int, arrays: Sequence[str] = ("centers",), *, init_std: float = 0.01,
-                 seed: int = 0, read_only: bool = False) -> None:
+                 seed: int = 0, read_only: bool = False, dtype: str = "float32") -> None:
         self.arrays = _check_shape(num_classes, dim, arrays)
+        self.dtype = torch_dtype(dtype)
         self.num_classes = num_classes
         self.dim = dim
         self.read_only = read_only
         self.init_std = init_std
         self.seed = seed
         self._tensors = {name: torch.from_numpy(initial_block(name, 0, num_classes, dim, seed=seed, std=init_std))
-                         for name in self.arrays}
+                         .to(self.dtype) for name in self.arrays}
         self._committed = {name: t.clone() for name, t in self._tensors.items()}  # what rollback restores
         self._step = -1
         self._pending: int | None = None
@@ -138,7 +143,7 @@ class MemoryBank(ClassBank):
         self._rows_written = 0
 
     def read_rows(self, ids: torch.Tensor, array: str = "centers") -> torch.Tensor:
-        """Returns the (n, D) float32 rows of ``ids`` (any order, repeats allowed) as a new CPU tensor.
+        """Returns the (n, D) rows of ``ids`` (any order, repeats allowed) as a new CPU tensor of ``dtype``.
 
         Raises:
             BankError: an id is outside ``[0, N)`` or ``array`` is unknown.
@@ -150,7 +155,7 @@ class MemoryBank(ClassBank):
             return self._tensors[array].index_select(0, ids)
 
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
-        """Stores ``rows`` (n, D) at unique ``ids``.
+        """Stores ``rows`` (n, D; rounded to ``dtype`` to nearest) at unique ``ids``.
 
         Raises:
             BankError: the bank is read-only, an id is out of range or repeated, or ``rows`` has the wrong shape.
@@ -159,7 +164,7 @@ class MemoryBank(ClassBank):
             raise BankError("this bank is read-only; open it with read_only=False to write rows")
         _check_array(self, array)
         ids = _check_ids(ids, self.num_classes, unique=True)
-        rows = _check_rows(rows, ids.numel(), self.dim)
+        rows = _check_rows(rows, ids.numel(), self.dim, self.dtype)
         with self._lock:
             _check_not_pending(self._pending, "write rows")
             self._rows_written += ids.numel()
@@ -222,4 +227,4 @@ class MemoryBank(ClassBank):
         return {"bank/rows_read": self._rows_read, "bank/rows_written": self._rows_written}
 
     def __repr__(self) -> str:
-        return f"MemoryBank(num_classes={self.num_classes}, dim={self.dim}, arrays={self.arrays})"
+        return f"MemoryBank(num_classes={self.num_classes}, dim={self.dim}, arrays={self.arrays}, dtype={self.dtype})"

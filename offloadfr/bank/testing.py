@@ -9,7 +9,11 @@ Subclass it in a test module, name the subclass ``Test...`` and implement :meth:
         def make_bank(self, tmp_path, num_classes, dim, arrays):
             return MyBank(num_classes, dim, arrays, seed=self.seed, init_std=self.init_std)
 
-Sizes are small and uneven (N=37 with 8-row blocks leaves a partial last block). Bad ids, repeated ids in a write,
+Sizes are small and uneven (N=37 with 8-row blocks leaves a partial last block). ``bank_dtype`` is the dtype the
+bank under test stores (``make_bank`` must create it so): reads must return it, a write must store the nearest value of
+that dtype (ties to even, as ``Tensor.to``) and a read return it exactly, and untouched rows are the initial rows so
+rounded. The rows the tests write are representable in ``bank_dtype`` unless a test says otherwise, so every other
+test checks exact round trips in any dtype. Bad ids, repeated ids in a write,
 bad shapes, unknown arrays, writes to a read-only bank and negative steps must raise ``BankError`` (a ``ValueError``).
 
 The two-phase flush (``prepare`` / ``commit`` / ``rollback`` / ``resolve``) is part of the contract: after
@@ -28,6 +32,7 @@ import pytest
 import torch
 
 from offloadfr.bank.base import ClassBank
+from offloadfr.bank.dtypes import torch_dtype
 from offloadfr.bank.init import initial_rows
 from offloadfr.errors import BankError
 
@@ -45,6 +50,7 @@ class BankContract:
         seed: the init seed ``make_bank`` must use.
         init_std: the init std ``make_bank`` must use.
         persistent: whether a flushed bank survives ``reopen`` (tests of persistence are skipped otherwise).
+        bank_dtype: the ``bank.dtype`` ``make_bank`` must create (``"float32"`` or ``"bfloat16"``).
     """
 
     num_classes: ClassVar[int] = 37
@@ -52,9 +58,11 @@ class BankContract:
     seed: ClassVar[int] = 3
     init_std: ClassVar[float] = 0.02
     persistent: ClassVar[bool] = True
+    bank_dtype: ClassVar[str] = "float32"
 
     def make_bank(self, tmp_path: Path, num_classes: int, dim: int, arrays: tuple[str, ...]) -> ClassBank:
-        """Returns a new, empty bank with ``self.seed`` and ``self.init_std``, storing anything under ``tmp_path``."""
+        """Returns a new, empty bank with ``self.seed``, ``self.init_std`` and ``self.bank_dtype``, storing anything
+        under ``tmp_path``."""
         raise NotImplementedError
 
     def reopen(self, bank: ClassBank, tmp_path: Path, *, read_only: bool = False) -> ClassBank:
@@ -66,12 +74,16 @@ class BankContract:
     def _bank(self, tmp_path: Path, arrays: tuple[str, ...] = _ARRAYS) -> ClassBank:
         return self.make_bank(tmp_path, self.num_classes, self.dim, arrays)
 
-    def _init(self, ids: torch.Tensor) -> torch.Tensor:
-        return initial_rows(ids, self.dim, seed=self.seed, std=self.init_std)
+    def _stored(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` rounded to the bank's dtype (to nearest), as float32: what a bank must return after writing them."""
+        return rows.to(torch_dtype(self.bank_dtype)).float()
 
-    @staticmethod
-    def _rows(num: int, dim: int, salt: int = 0) -> torch.Tensor:
-        return torch.arange(num * dim, dtype=torch.float32).reshape(num, dim) + 1000.0 * (salt + 1)
+    def _init(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._stored(initial_rows(ids, self.dim, seed=self.seed, std=self.init_std))
+
+    def _rows(self, num: int, dim: int, salt: int = 0) -> torch.Tensor:
+        """Distinct test rows (float32), representable in the bank's dtype."""
+        return self._stored(torch.arange(num * dim, dtype=torch.float32).reshape(num, dim) + 1000.0 * (salt + 1))
 
     # ------------------------------------------------------------------ tests
 
@@ -82,7 +94,8 @@ class BankContract:
         assert bank.step == -1
         for array in _ARRAYS:
             rows = bank.read_rows(torch.tensor([0, 36, 9]), array)
-            assert rows.shape == (3, self.dim) and rows.dtype == torch.float32 and rows.device.type == "cpu"
+            assert rows.shape == (3, self.dim) and rows.device.type == "cpu"
+            assert rows.dtype == torch_dtype(self.bank_dtype) == bank.dtype
         assert bank.read_rows(torch.empty(0, dtype=torch.int64)).shape == (0, self.dim)
         bank.close()
 
@@ -109,6 +122,28 @@ class BankContract:
         assert torch.equal(bank.read_rows(others), self._init(others))
         bank.write_rows(torch.tensor([9]), rows[:1] * -1)  # overwrite one row
         assert torch.equal(bank.read_rows(torch.tensor([9, 17])), torch.stack([rows[0] * -1, rows[3]]))
+        bank.close()
+
+    def test_writes_round_to_the_dtype_and_reads_are_exact(self, tmp_path: Path) -> None:
+        """Catches a bank that stores another dtype than it declares, rounds a write other than to nearest (or
+        twice), or loses precision on the way back (float32 rows read from bfloat16 storage must be exact)."""
+        bank = self._bank(tmp_path)
+        dtype = torch_dtype(self.bank_dtype)
+        ids = torch.tensor([36, 0, 9, 17])
+        rows = torch.randn(4, self.dim, generator=torch.Generator().manual_seed(5)) * 0.05
+        rows[0, :3] = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(1.0 + 2.0**-8)])  # bfloat16 ties
+        for array in _ARRAYS:
+            bank.write_rows(ids, rows, array)
+            got = bank.read_rows(ids, array)
+            assert got.dtype == dtype
+            assert torch.equal(got, rows.to(dtype))
+            assert bool(((got.float() - rows).abs() <= rows.abs() * torch.finfo(dtype).eps / 2).all())
+            bank.write_rows(ids, got, array)  # values of the dtype: stored exactly
+            assert torch.equal(bank.read_rows(ids, array), got)
+        bank.flush(1)
+        if self.persistent:
+            bank = self.reopen(bank, tmp_path)
+            assert torch.equal(bank.read_rows(ids), rows.to(dtype))
         bank.close()
 
     def test_read_repeated_and_unordered_ids(self, tmp_path: Path) -> None:
@@ -227,8 +262,8 @@ class BankContract:
             array = _ARRAYS[it % 2]
             ids = torch.randperm(self.num_classes, generator=gen)[: int(torch.randint(1, 20, (1,), generator=gen))]
             rows = torch.randn(ids.numel(), self.dim, generator=gen)
-            bank.write_rows(ids, rows, array)
-            ref[array][ids] = rows
+            bank.write_rows(ids, rows, array)  # random floats: stored rounded to the bank's dtype
+            ref[array][ids] = self._stored(rows)
             probe = torch.randint(0, self.num_classes, (15,), generator=gen)
             assert torch.equal(bank.read_rows(probe, array), ref[array][probe])
             if it % 10 == 9:
@@ -252,7 +287,7 @@ class BankContract:
                 for rep in range(15):
                     bank.write_rows(ids, self._rows(ids.numel(), self.dim, salt=salt) + rep)
                     got = bank.read_rows(ids)
-                    assert torch.equal(got, self._rows(ids.numel(), self.dim, salt=salt) + rep)
+                    assert torch.equal(got, self._stored(self._rows(ids.numel(), self.dim, salt=salt) + rep))
             except BaseException as exc:  # noqa: BLE001 - reported to the main thread
                 errors.append(exc)
 
@@ -266,8 +301,8 @@ class BankContract:
             thread.join()
         assert not errors, errors
         bank.flush(99)
-        assert torch.equal(bank.read_rows(evens), self._rows(evens.numel(), self.dim, salt=0) + 14)
-        assert torch.equal(bank.read_rows(odds), self._rows(odds.numel(), self.dim, salt=1) + 14)
+        assert torch.equal(bank.read_rows(evens), self._stored(self._rows(evens.numel(), self.dim, salt=0) + 14))
+        assert torch.equal(bank.read_rows(odds), self._stored(self._rows(odds.numel(), self.dim, salt=1) + 14))
         bank.close()
 
     # ------------------------------------------------------------------ two-phase flush

@@ -122,7 +122,7 @@ def ds_config_for(engine: str, ds_set: dict[str, Any] | None = None) -> dict[str
 
     The values the run config fills (batch size, optimizer, precision) are left to the engine.
     """
-    from offloadfr.train.ds_engine import load_ds_config
+    from offloadfr.train.ds_config import load_ds_config
 
     variant = VARIANTS.get(engine, Variant(engine))
     cfg = copy.deepcopy(load_ds_config(_ROOT / ENGINES[variant.base]))
@@ -463,9 +463,9 @@ def main(argv: list[str]) -> int:
                 spec["ds_set"] = ds_set
             row = run_in_own_process("offloadfr.bench.backbone", spec, bench="backbone")
             failed += row["status"] != "ok"
-            summary = row.pop("profile", None)
+            summary = row.pop("profile", None)  # the summary, or the spec's 0 (no --profile) in the row
             emit_row(row, args.out)
-            if summary is not None:
+            if isinstance(summary, dict) and args.out:
                 keys = ("backbone", "engine", "precision", "optimizer", "channels_last", "ds_set", "step_ms_p50")
                 with open(profile_path(args.out), "a") as fh:
                     fh.write(json.dumps({**{k: row[k] for k in keys if k in row}, "profile": summary}) + "\n")

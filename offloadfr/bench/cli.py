@@ -1,4 +1,5 @@
-"""The benchmarks' command line (``python launch/bench.py COMMAND``). Each measurement is one JSON row (stdout, and appended to ``--out``); results go to docs/benchmarks/.
+"""The benchmarks' command line (``python launch/bench.py COMMAND``). Each measurement is one JSON row (stdout, and
+appended to ``--out``); results go to docs/benchmarks/.
 
     python launch/bench.py head --num-classes 10000 100000 1000000 --heads fc pfc_dense partial_fc:ram partial_fc:nvme
 
@@ -49,8 +50,8 @@ __all__ = ["main"]
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from offloadfr.config import DataCfg
     from offloadfr.bench.data import measure_data_pipelines
+    from offloadfr.config import DataCfg
 
     cfg = DataCfg(path=args.data_path, generate_if_missing=False, num_workers=args.num_workers,
                   sampler=args.sampler, block_rows=128, block_window=8)

@@ -180,8 +180,8 @@ def _bank_order_main(argv: list[str]) -> None:
     index = read_index(path)
     rows, dim, batch = 128, 128, 128
     orders: dict[str, list[torch.Tensor]] = {
-        "instance": [y for _, y in build_train_loader(DataCfg(path=path, num_workers=2), image_size=8,
-                                                       batch_size=batch, seed=0, epoch=0)]}
+        "instance": [y for _, y in build_train_loader(DataCfg(path=path, num_workers=2, sampler="instance"),
+                                                       image_size=8, batch_size=batch, seed=0, epoch=0)]}
     for window in (4, 8, 16):
         spec = sampler_spec(DataCfg(path=path, sampler="block", block_rows=rows, block_window=window),
                             batch_size=batch)

@@ -3,7 +3,8 @@
 Each configuration is a real training run: ``launch/train.py`` in its own subprocess, on the run config
 ``--config`` (default ``ds_configs/runs/synth_tiny.toml``, README's main command), with only ``--set`` overrides
 changed. A configuration is a head with the config's margin, or the ``fc`` head with another margin. A head also gets
-what it needs to run (:data:`HEAD_NEEDS`, e.g. its sampler). After each run, one JSON row is appended to ``--out``:
+its own defaults (its sampler and the settings it learns with, :mod:`offloadfr.config.head_defaults`) and the
+benchmark's :data:`BENCH_OVERRIDES`. After each run, one JSON row is appended to ``--out``:
 verification accuracy ± fold std and TAR@FAR=1e-2 (from the run's ``eval.json``), mean step time, peak memory, images
 seen, wall time, the overrides, the versions and the bench command. ``--table`` (re)writes the markdown table from
 the JSONL; a run also rewrites it after each row.
@@ -47,35 +48,21 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from offloadfr.bench.rows import environment, markdown_table
 from offloadfr.config import Config, HeadCfg, LossCfg, load_config
 from offloadfr.errors import OffloadFRError
-from offloadfr.bench.rows import environment, markdown_table
 
-__all__ = ["HEAD_NEEDS", "DEFAULT_MARGINS", "head_kinds", "margin_kinds", "plan_configs", "read_rows", "render_table",
-           "main"]
+__all__ = ["BENCH_OVERRIDES", "DEFAULT_MARGINS", "head_kinds", "margin_kinds", "plan_configs", "read_rows",
+           "render_table", "main"]
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout: launch/train.py and ds_configs/ are relative to it
 
-HEAD_NEEDS: dict[str, tuple[str, ...]] = {
-    "fc": (),
-    "pfc_dense": (),
+BENCH_OVERRIDES: dict[str, tuple[str, ...]] = {
     "partial_fc": ("cache.num_slots=1024",),  # as ds_configs/runs/synth_tiny_pfc_ram.toml: K < N, so it offloads
-    # vfc: P×K batches, and the straight-through gradient, without which one epoch stayed at chance on 2 seeds of 4
-    # (docs/methods.md, "Virtual FC over seeds")
-    "vfc": ("data.sampler=identity", "loss.arcface_grad=straight_through"),
-    # attfc: the straight-through gradient and faster EMA of the short-run setting, plus what made it learn in one
-    # epoch of synth_tiny (docs/methods.md, "What makes attfc learn in one epoch"): keys drawn from all the identity's
-    # images (the query included, as AttFC's loader), 4 keys, s = 16, all 20 shards mixed and Q = N.
-    "attfc": ("data.sampler=attention", "loss.arcface_grad=straight_through", "head.key_momentum=0.99",
-              "data.keys_include_query=true", "data.num_keys=4", "loss.s=16", "data.shard_window=20",
-              "head.queue_fraction=1.0"),
-    # dcp: at the paper's gallery EMA (0.99) it collapses on synth_tiny; an instant copy (0) learns
-    # (docs/methods.md, "On the synthetic dataset"), with a pool of a quarter of the identities (S = 500)
-    "dcp": ("data.sampler=dual", "head.gallery_momentum=0", "head.pool_fraction=0.25"),
 }
-"""What each head needs besides ``head.kind`` (its sampler; for ``attfc`` also the gradient, EMA rate, key draw, scale,
-shard mix and queue size with which it learns in a one-epoch run; for ``dcp`` the gallery EMA and pool size;
-docs/methods.md). A head kind not listed here runs with no extra override."""
+"""What the benchmark sets besides ``head.kind`` and the head's own defaults (its sampler, gradient form, EMA rates,
+...: :mod:`offloadfr.config.head_defaults`). ``--head-kind-only`` leaves these out, so that each row is exactly
+``offloadfr train --set head.kind=H``."""
 
 DEFAULT_MARGINS = ("arcface", "cosface", "adasin")
 """The margins compared on the ``fc`` head by default."""
@@ -95,8 +82,15 @@ def margin_kinds() -> list[str]:
     return list(typing.get_args(typing.get_type_hints(LossCfg)["kind"]))
 
 
-def plan_configs(heads: list[str], margins: list[str], base_margin: str) -> list[dict[str, Any]]:
+def plan_configs(heads: list[str], margins: list[str], base_margin: str, *,
+                 bench_overrides: bool = True) -> list[dict[str, Any]]:
     """The configurations: each head with the config's margin, then ``fc`` with each margin; duplicates once.
+
+    Args:
+        heads: head kinds, each with ``base_margin``.
+        margins: margins, each on ``fc``.
+        base_margin: the run config's ``loss.kind``.
+        bench_overrides: add :data:`BENCH_OVERRIDES` (false: ``head.kind`` and ``loss.kind`` alone).
 
     Returns:
         ``{"name", "head", "margin", "overrides"}`` dicts, ``name`` = ``"<head>+<margin>"``.
@@ -107,7 +101,8 @@ def plan_configs(heads: list[str], margins: list[str], base_margin: str) -> list
         if (head, margin) in seen:
             continue
         seen.add((head, margin))
-        overrides = [f"head.kind={head}", *HEAD_NEEDS.get(head, ()), f"loss.kind={margin}"]
+        extra = BENCH_OVERRIDES.get(head, ()) if bench_overrides else ()
+        overrides = [f"head.kind={head}", *extra, f"loss.kind={margin}"]
         out.append({"name": f"{head}+{margin}", "head": head, "margin": margin, "overrides": overrides})
     return out
 
@@ -284,6 +279,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--md", default=None, help="table to (re)write (default: --out with .md)")
     p.add_argument("--runs-dir", default="runs/quality", help="parent of the rows' run directories")
     p.add_argument("--resume", action="store_true", help="skip configurations with an ok row in --out")
+    p.add_argument("--head-kind-only", action="store_true",
+                   help="rows set only head.kind (and loss.kind): what a user gets, without BENCH_OVERRIDES")
     p.add_argument("--table", action="store_true", help="only (re)write --md from --out; train nothing")
     args = p.parse_args(argv)
     machine = args.machine or default_machine()
@@ -308,7 +305,7 @@ def main(argv: list[str]) -> int:
     env = environment()
     done = {_row_key(r) for r in read_rows(out) if r.get("status") == "ok"} if args.resume else set()
     failed = 0
-    for spec in plan_configs(args.heads, args.margins, base.loss.kind):
+    for spec in plan_configs(args.heads, args.margins, base.loss.kind, bench_overrides=not args.head_kind_only):
         key = (spec["name"], args.config, steps, base.train.batch_size, tuple(args.set))
         if key in done:
             print(f"bench.py quality: {spec['name']}: already in {out}, skipped (--resume)", file=sys.stderr)

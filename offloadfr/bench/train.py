@@ -31,7 +31,12 @@ temporary directory under ``--bank-dir`` and deleted afterwards), so a block rea
 deterministic initialiser, not from disk, as in the first epoch of a run.
 
 Each configuration runs in its own process (peak memories belong to it); one that runs out of memory is a row with
-``"status": "oom"``. docs/benchmarks/README.md has the commands and what the rows are for.
+``"status": "oom"``. ``--device-memory-GiB G`` caps what each configuration may allocate on the device
+(``torch.cuda.set_per_process_memory_fraction``: a smaller GPU on a big one; the row records ``device_memory_GiB``).
+``--backbone-only-rate R`` skips the backbone-only row and divides by ``R``, an earlier backbone-only row's
+``images_per_s`` (launch/gpu_check.py runs that row once and passes it to every later command); every row with a
+ratio records the rate it divided by in ``backbone_only_images_per_s``. docs/benchmarks/README.md has the commands
+and what the rows are for.
 """
 
 from __future__ import annotations
@@ -229,7 +234,8 @@ def _resolve_config(spec: dict[str, Any]) -> Any:
     if kind == "pfc_dense":
         cfg = r(cfg, head=r(cfg.head, sample_rate=spec["sample_rate"]))
     if kind == "partial_fc":
-        cfg = r(cfg, bank=r(cfg.bank, tier=tier or "ram"), cache=r(cfg.cache, num_slots=spec["num_slots"]))
+        cfg = r(cfg, bank=r(cfg.bank, tier=tier or "ram", dtype=spec.get("bank_dtype") or cfg.bank.dtype),
+                cache=r(cfg.cache, num_slots=spec["num_slots"]))
     return cfg
 
 
@@ -237,7 +243,7 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Times one configuration in this process; returns its JSON row."""
     import torch
 
-    from offloadfr.bank.zarr_bank import auto_chunk_rows
+    from offloadfr.bank.layout import auto_chunk_rows
     from offloadfr.distributed import DistEnv
     from offloadfr.heads import HeadDeps, build_head
     from offloadfr.losses import build_margin
@@ -248,6 +254,10 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = _resolve_config(spec)
     env = DistEnv.from_env(cfg.run.device)
     device = env.device
+    cap_GiB = spec.get("device_memory_GiB", 0.0)
+    if cap_GiB and device.type == "cuda":  # a smaller GPU: the caching allocator refuses more than this
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_GiB * 2**30 / total), device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.train.cpu_threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.run.seed)
@@ -357,13 +367,14 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
         row["bank_read_Bps"] = traffic["bank/bytes_read"] / wall
         row["bank_written_Bps"] = traffic["bank/bytes_written"] / wall
         # one bank block of one array (the Zarr chunk): the unit of storage I/O
-        block_bytes = bank.chunk_rows * bank.dim * 4
+        block_bytes = bank.chunk_rows * bank.dim * bank.dtype.itemsize
         after = bank.stats()
         for key in ("blocks_loaded", "blocks_initialised", "blocks_staged"):
             row[f"bank_{key}_per_s"] = (after[f"bank/{key}"] - bank_before.get(f"bank/{key}", 0)) / wall
         row["storage_read_Bps"] = row["bank_blocks_loaded_per_s"] * block_bytes
         row["storage_written_Bps"] = row["bank_blocks_staged_per_s"] * block_bytes
         row["block_rows"] = bank.chunk_rows
+        row["bank_dtype"] = bank.dtype_name
         row["prefetch_stall_pct"] = sum(stall) / max(1, len(stall))
     if device.type == "cuda":
         row["peak_device_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -372,10 +383,10 @@ def _measure(spec: dict[str, Any], cfg: Any, engine: Any, head: Any, inner: Any,
     return row
 
 
-TABLE_COLUMNS = ("head", "num_classes", "labels", "engine", "status", "images_per_s", "ratio_to_backbone_only",
-                 "head_share", "step_ms_p50", "peak_device_GiB", "peak_host_rss_GiB", "bank_read_Bps",
-                 "bank_written_Bps", "storage_read_Bps", "storage_written_Bps", "bank_blocks_initialised_per_s",
-                 "prefetch_stall_pct")
+TABLE_COLUMNS = ("head", "num_classes", "labels", "bank_dtype", "engine", "status", "images_per_s",
+                 "ratio_to_backbone_only", "head_share", "step_ms_p50", "peak_device_GiB", "peak_host_rss_GiB",
+                 "bank_read_Bps", "bank_written_Bps", "storage_read_Bps", "storage_written_Bps",
+                 "bank_blocks_initialised_per_s", "prefetch_stall_pct")
 """The columns of ``--table``."""
 
 
@@ -410,6 +421,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--num-slots", type=int, default=65_536, help="partial_fc: DCC slots K (cache.num_slots)")
+    p.add_argument("--bank-dtypes", nargs="+", choices=["float32", "bfloat16"], default=[],
+                   help="partial_fc: one row per bank.dtype, side by side (default: the config's bank.dtype)")
     p.add_argument("--sample-rate", type=float, default=0.1, help="pfc_dense: sampled fraction of the N classes")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -421,23 +434,37 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", default="", help="a run config TOML to start from (loss, bank, cache settings)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides, as offloadfr train --set (e.g. bank.chunk_rows=1024)")
+    p.add_argument("--backbone-only-rate", type=float, default=0.0, metavar="IMG_PER_S",
+                   help="skip the backbone-only row and divide by this rate instead (the images_per_s of a "
+                   "backbone-only row run earlier with the same backbone, batch and engine); 0: measure it first")
+    p.add_argument("--device-memory-GiB", type=float, default=0.0, metavar="GIB",
+                   help="cap each configuration's device memory (torch.cuda.set_per_process_memory_fraction) to "
+                   "stand for a smaller GPU; 0: the whole device; no effect on the CPU")
     p.add_argument("--out", help="append the JSON rows to this file")
     args = p.parse_args(argv)
+    if args.backbone_only_rate < 0 or args.device_memory_GiB < 0:
+        p.error("--backbone-only-rate and --device-memory-GiB take a value >= 0")
+    if args.backbone_only_rate and (not args.heads or len(args.engines) > 1):
+        p.error("--backbone-only-rate stands for the backbone-only row of one engine: give --heads and one --engines")
     if args.bank_dir:  # each row makes its bank in a fresh directory under it
         Path(args.bank_dir).mkdir(parents=True, exist_ok=True)
     env = environment()
     failed = 0
     for engine in args.engines:
-        base_rate = None
-        configs = [(args.num_classes[0], BACKBONE_ONLY, "none")]
+        base_rate = args.backbone_only_rate or None
+        configs = [] if base_rate else [(args.num_classes[0], BACKBONE_ONLY, "none")]
         configs += [(n, head, labels) for n in args.num_classes for head in args.heads for labels in args.labels]
-        for n, head, labels in configs:
+        dtypes = args.bank_dtypes or [""]  # "": the config's
+        configs = [(n, head, labels, dtype) for n, head, labels in configs
+                   for dtype in (dtypes if head.startswith("partial_fc") else [""])]
+        for n, head, labels, bank_dtype in configs:
             spec = {"head": head, "num_classes": n, "labels": labels, "engine": engine, "backbone": args.backbone,
                     "batch_size": args.batch_size, "image_size": args.image_size, "dim": args.dim,
                     "num_slots": args.num_slots, "sample_rate": args.sample_rate, "optimizer": args.optimizer,
                     "precision": args.precision, "device": args.device, "warmup": args.warmup, "steps": args.steps,
                     "images_per_identity": args.images_per_identity, "bank_dir": args.bank_dir,
-                    "config_file": args.config, "overrides": args.overrides}
+                    "config_file": args.config, "overrides": args.overrides,
+                    "device_memory_GiB": args.device_memory_GiB, "bank_dtype": bank_dtype}
             row = run_in_own_process("offloadfr.bench.train", spec, bench="train")
             row.pop("config_file", None)
             failed += row["status"] == "error"  # running out of memory is a result (in-device heads at large N)
@@ -445,6 +472,7 @@ def main(argv: list[str]) -> int:
                 base_rate = row["images_per_s"]
             elif row["status"] == "ok" and base_rate:
                 row["ratio_to_backbone_only"] = row["images_per_s"] / base_rate
+                row["backbone_only_images_per_s"] = base_rate
             row["env"] = env
             emit_row(row, args.out)
     return 1 if failed else 0

@@ -37,6 +37,14 @@ once their copies finished) and copied to the device on a side stream; ``ready``
 copy's event. Evicted rows are gathered on the current stream and copied to pinned buffers with ``non_blocking``; the
 worker waits on their event before using them. On CPU rows are plain tensors and there are no streams.
 
+Dtypes. Rows move in the bank's dtype (``bank.dtype``, ``ClassBank.dtype``): fetched rows are assembled and copied to
+the device narrow, and the container upcasts them when it admits them (its rows stay float32, where the head updates
+them). Evicted rows are rounded to the bank's dtype on the device, once per write-back, before their copy to the host
+(to nearest, or stochastically with ``rounding = "stochastic"``: the noise is seeded by (``seed``, step, batch), so a
+run is reproducible); ``write_back_all`` also rounds the resident rows in place, so after a checkpoint the container
+and the bank hold the same values, and a resumed run starts from the rows an uninterrupted one continues with. A
+float32 bank rounds nothing.
+
 Host syncs: ``submit`` (residency of the plan) and ``ready`` (free slots, evicted ids) synchronise with the device; the
 training loop calls them back to back at the step boundary, so they cost about one wait for the device per step.
 """
@@ -52,6 +60,7 @@ from dataclasses import dataclass, field
 import torch
 
 from offloadfr.bank.base import ClassBank
+from offloadfr.bank.dtypes import ROUNDINGS, round_rows
 from offloadfr.cache.container import DynamicClassContainer
 from offloadfr.errors import ConfigError, DataError
 
@@ -66,7 +75,7 @@ class _RowBatch:
     """Rows of some ids on the host, waiting to be written to the bank (write-behind) or served to a fetch."""
 
     ids: torch.Tensor  # (n,) int64 CPU, unique
-    rows: dict[str, torch.Tensor]  # (n, D) per array, CPU (pinned on CUDA)
+    rows: dict[str, torch.Tensor]  # (n, D) per array, CPU (pinned on CUDA), in the bank's dtype
     event: torch.cuda.Event | None  # D2H copy done
     sorted_ids: torch.Tensor = field(init=False)
     order: torch.Tensor = field(init=False)
@@ -80,7 +89,7 @@ class _Fetched:
     """The rows a step's fetch brought, on the device, in the order of ``ids``."""
 
     ids: torch.Tensor  # (n,) int64 CPU
-    rows: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]  # in the bank's dtype; the container upcasts them on admit
     event: torch.cuda.Event | None  # H2D copy done (side stream)
 
 
@@ -101,9 +110,13 @@ class Prefetcher:
         container: the device rows; the prefetcher is its only admitter and evicter.
         arrays: the arrays moved between them (each must be in both).
         device: the container's device (defaults to ``container.device``).
+        rounding: how evicted rows are rounded to a bank dtype narrower than the container's: ``"nearest"`` or
+            ``"stochastic"`` (module docstring); no effect with a float32 bank.
+        seed: seeds the noise of stochastic rounding.
 
     Raises:
-        ConfigError: an array is missing from the bank or the container, or the sizes disagree.
+        ConfigError: an array is missing from the bank or the container, the sizes disagree, or ``rounding`` is
+            unknown.
 
     Example::
 
@@ -120,7 +133,7 @@ class Prefetcher:
     """
 
     def __init__(self, bank: ClassBank, container: DynamicClassContainer, *, arrays: Sequence[str] = ("centers",),
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, rounding: str = "nearest", seed: int = 0) -> None:
         self.bank = bank
         self.container = container
         self.arrays = tuple(arrays)
@@ -137,6 +150,13 @@ class Prefetcher:
             raise ConfigError(f"bank dim {bank.dim} != container dim {container.dim}")
         if self.device != container.device:
             raise ConfigError(f"device {self.device} != container device {container.device}")
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding={rounding!r} is not one of {list(ROUNDINGS)}")
+        self.rounding = rounding
+        self.seed = seed
+        self.dtype = bank.dtype
+        """The dtype rows move in between the bank and the device (the bank's)."""
+        self._narrow = any(container[name].dtype != self.dtype for name in self.arrays)
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(device=self.device) if self._cuda else None
 
@@ -159,7 +179,8 @@ class Prefetcher:
         self._wall_start = time.perf_counter()
         self._planned = 0
         self._hits = 0
-        self._bytes_per_row = 4 * bank.dim * len(self.arrays)
+        self._bytes_per_row = self.dtype.itemsize * bank.dim * len(self.arrays)
+        self._ready_step = -1  # the last step made ready: with the batch number, it seeds the rounding noise
 
         self._thread = threading.Thread(target=self._run, name="offloadfr-prefetcher", daemon=True)
         self._thread.start()
@@ -235,6 +256,7 @@ class Prefetcher:
             for rows in fetched.rows.values():
                 rows.record_stream(current)
         num_new = fetched.ids.numel()
+        self._ready_step = step
         if num_new > self.container.num_free:
             protect = torch.cat([p.ids for p in self._plans])
             self._evict(num_new - self.container.num_free, protect)
@@ -261,17 +283,22 @@ class Prefetcher:
     def write_back_all(self) -> None:
         """Writes every resident row to the bank, then waits for all write-backs (``flush``); rows stay resident.
 
-        After it, the bank holds the newest value of every id, as a checkpoint needs.
+        After it, the bank holds the newest value of every id, as a checkpoint needs. With a bank dtype narrower than
+        the container's, the resident rows are rounded in place to what the bank now holds.
 
         Raises:
             Exception: whatever the worker raised, re-raised here.
         """
         self._raise_if_failed()
         used_slots = torch.nonzero(self.container.valid_K).reshape(-1)
-        for lo in range(0, used_slots.numel(), _WRITE_BACK_CHUNK):
+        for chunk, lo in enumerate(range(0, used_slots.numel(), _WRITE_BACK_CHUNK)):
             slots = used_slots[lo:lo + _WRITE_BACK_CHUNK]
             ids = self.container.slot_ids_K.index_select(0, slots)
             rows = {name: self.container[name].index_select(0, slots) for name in self.arrays}
+            rows = self._round(rows, chunk + 1)
+            if self._narrow:
+                for name, r in rows.items():
+                    self.container[name].index_copy_(0, slots, r.to(self.container[name].dtype))
             self._push_write_back(ids, rows)
             with self._cond:  # keep at most two chunks of pinned rows alive
                 while len(self._pending) > 2 and self._error is None:
@@ -345,21 +372,31 @@ class Prefetcher:
     def _evict(self, n: int, protect: torch.Tensor) -> None:
         """Evicts n unprotected rows into the write-behind queue."""
         ids, rows = self.container.evict(n, protect=protect)  # invariant 5 guarantees enough unprotected rows
-        self._push_write_back(ids, rows)
+        self._push_write_back(ids, self._round(rows, 0))
+
+    def _round(self, rows: dict[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        """``rows`` (device) rounded to the bank's dtype; stochastic noise seeded by (seed, ready step, batch)."""
+        if not self._narrow:
+            return rows
+        generator = None
+        if self.rounding == "stochastic":
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(((self.seed * 1_000_003 + self._ready_step + 1) * 65_537 + batch) % (1 << 62))
+        return {name: round_rows(r, self.dtype, rounding=self.rounding, generator=generator)
+                for name, r in rows.items()}
 
     def _push_write_back(self, ids: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
-        """Copies rows (fresh device tensors) to the host and queues them for ``bank.write_rows``."""
+        """Copies rows (fresh device tensors, already in the bank's dtype) to the host and queues them for
+        ``bank.write_rows``."""
         event = None
         if self._cuda:
             host = {}
             for name, r in rows.items():
-                host[name] = torch.empty(r.shape, dtype=torch.float32, pin_memory=True)
+                host[name] = torch.empty(r.shape, dtype=r.dtype, pin_memory=True)
                 host[name].copy_(r, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             rows = host
-        else:
-            rows = {name: r.float() for name, r in rows.items()}
         batch = _RowBatch(ids=ids.cpu(), rows=rows, event=event)
         with self._cond:
             self._pending.append(batch)
@@ -403,7 +440,7 @@ class Prefetcher:
     def _fetch(self, ids: torch.Tensor) -> _Fetched:
         """Reads the rows of ``ids`` (unique, not resident): newest pending write-back first, else the bank."""
         n, dim = ids.numel(), self.container.dim
-        rows = {name: torch.empty(n, dim, dtype=torch.float32, pin_memory=self._cuda) for name in self.arrays}
+        rows = {name: torch.empty(n, dim, dtype=self.dtype, pin_memory=self._cuda) for name in self.arrays}
         need = torch.ones(n, dtype=torch.bool)
         with self._cond:
             pending = list(self._pending)

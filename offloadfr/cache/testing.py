@@ -30,6 +30,7 @@ class BankWrapper(ClassBank):
         self.dim = inner.dim
         self.arrays = inner.arrays
         self.read_only = inner.read_only
+        self.dtype = inner.dtype
 
     def read_rows(self, ids: torch.Tensor, array: str = "centers") -> torch.Tensor:
         """Forwards to ``inner.read_rows``."""

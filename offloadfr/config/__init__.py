@@ -32,6 +32,7 @@ from offloadfr.config.sections import (
     RunCfg,
     SynthCfg,
     TrainCfg,
+    section_names,
 )
 
 __all__ = [
@@ -53,4 +54,5 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "to_toml",
+    "section_names",
 ]

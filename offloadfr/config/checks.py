@@ -1,15 +1,19 @@
 """Checks across keys and sections, which the per-field types and ranges cannot express (a head and the sampler it
-needs, ordered milestones, the synthetic dataset's image counts)."""
+needs, ordered milestones, the synthetic dataset's image counts, a run name that stays inside run.output_dir)."""
 
 from __future__ import annotations
+
+import ntpath
+import posixpath
 
 from offloadfr.config.sections import Config, SynthCfg, TrainCfg
 from offloadfr.errors import ConfigError
 
-__all__ = ["check_config", "check_synth"]
+__all__ = ["check_config", "check_synth", "check_run_name"]
 
 
 def check_config(cfg: Config) -> None:
+    check_run_name(cfg.run.name)
     check_synth(cfg.synth)
     _check_milestones(cfg.train)
     if (cfg.head.kind == "attfc") != (cfg.data.sampler == "attention"):
@@ -50,3 +54,18 @@ def check_synth(s: SynthCfg) -> None:
     if not s.min_images <= s.mean_images <= s.max_images:
         raise ConfigError(f"synth.mean_images = {s.mean_images} must lie between synth.min_images = {s.min_images} "
                           f"and synth.max_images = {s.max_images}")
+
+
+def check_run_name(name: str) -> None:
+    """Checks that ``run.name`` is one path component, so that ``<run.output_dir>/<run.name>`` stays inside
+    ``run.output_dir``: not empty, no ``/`` or ``\\``, not ``.`` or ``..``, not absolute (a drive on Windows).
+
+    Raises:
+        ConfigError: naming the value and the rule.
+    """
+    bad = (not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+           or posixpath.isabs(name) or ntpath.splitdrive(name)[0])
+    if bad:
+        raise ConfigError(f"run.name = {name!r} is not a single directory name: it must be non-empty, without '/', "
+                          "'\\' or '..', since the run writes to <run.output_dir>/<run.name>; use e.g. "
+                          "run.name=try2 and put the parent directory in run.output_dir")

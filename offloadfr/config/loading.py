@@ -15,7 +15,8 @@ from typing import Any, Literal
 import tomli_w
 
 from offloadfr.config.checks import check_config
-from offloadfr.config.sections import Config
+from offloadfr.config.head_defaults import apply_head_defaults, explain
+from offloadfr.config.sections import Config, HeadCfg, section_names
 from offloadfr.errors import ConfigError
 
 __all__ = ["load_config", "apply_overrides", "config_from_dict", "config_to_dict", "to_toml"]
@@ -103,20 +104,23 @@ def _build_section(cls: type, section: str, values: dict[str, Any]) -> Any:
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Builds a :class:`Config` from nested ``{section: {key: value}}``, checking every key, type and range.
 
+    The head's defaults fill the keys ``data`` leaves unset, and ``data.sampler = "auto"`` becomes the head's
+    sampler (:mod:`offloadfr.config.head_defaults`); ``Config.head_defaults`` lists those keys.
+
     Raises:
         ConfigError: an unknown section or key, a wrong type, or a value out of range.
     """
-    sections = {f.name: f for f in dataclasses.fields(Config)}
+    sections = section_names()
     hints = typing.get_type_hints(Config)
-    built = {}
     for section, values in data.items():
         if section not in sections:
             raise ConfigError(f"unknown config section [{section}]; {_suggest(section, list(sections))}"
                               f"sections: {', '.join(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
-        built[section] = _build_section(hints[section], section, values)
-    cfg = Config(**built)
+    data, chosen = apply_head_defaults(data, HeadCfg().kind)
+    built = {section: _build_section(hints[section], section, values) for section, values in data.items()}
+    cfg = Config(**built, head_defaults=chosen)
     check_config(cfg)
     return cfg
 
@@ -128,14 +132,31 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     def plain(v: Any) -> Any:
         return list(v) if isinstance(v, tuple) else v
 
-    return {f.name: {k.name: plain(getattr(getattr(cfg, f.name), k.name))
-                     for k in dataclasses.fields(getattr(cfg, f.name))}
-            for f in dataclasses.fields(cfg)}
+    return {section: {k.name: plain(getattr(getattr(cfg, section), k.name))
+                      for k in dataclasses.fields(getattr(cfg, section))}
+            for section in section_names()}
 
 
 def to_toml(cfg: Config) -> str:
-    """The fully resolved config as TOML text (what ``--print-config`` prints and every run saves)."""
-    return tomli_w.dumps(config_to_dict(cfg))
+    """The fully resolved config as TOML text (what ``--print-config`` prints and every run saves).
+
+    Each key whose value the head chose (``cfg.head_defaults``) carries a comment saying so, with the paper's value
+    and the reason; reading the text back gives the same config, those keys now set explicitly.
+    """
+    text = tomli_w.dumps(config_to_dict(cfg))
+    if not cfg.head_defaults:
+        return text
+    lines, section = [], ""
+    for line in text.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        name, sep, _ = line.partition(" = ")
+        if sep and f"{section}.{name}" in cfg.head_defaults:
+            line += f"  # {explain(cfg.head.kind, f'{section}.{name}')}"
+        lines.append(line)
+    header = (f"# Keys marked '# head default' or '# auto' were set neither by the run file nor by --set: head.kind = "
+              f"{cfg.head.kind!r} chose them (offloadfr/config/head_defaults.py, docs/methods.md).\n")
+    return header + "\n".join(lines) + "\n"
 
 
 def _parse_value(text: str) -> Any:

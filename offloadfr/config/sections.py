@@ -6,6 +6,7 @@ Each component takes only its own section (``ZarrBank.open(cfg.bank)``, never th
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ __all__ = [
     "CacheCfg",
     "EvalCfg",
     "Config",
+    "section_names",
 ]
 
 
@@ -62,8 +64,10 @@ class DataCfg:
     """DataLoader worker processes (0 reads in the training process)."""
     shuffle_buffer: int = _field(8192, ge=1)
     """Samples held in the shuffle buffer of each reader."""
-    sampler: Literal["instance", "identity", "attention", "dual", "block"] = "instance"
-    """How samples form batches (docs/data.md): ``instance`` uniform images, streamed shard by shard; ``identity``
+    sampler: Literal["auto", "instance", "identity", "attention", "dual", "block"] = "auto"
+    """How samples form batches (docs/data.md): ``auto`` the one the head needs (``attention`` for ``attfc``,
+    ``dual`` for ``dcp``, ``identity`` for ``vfc``, ``instance`` otherwise; the resolved config shows it);
+    ``instance`` uniform images, streamed shard by shard; ``identity``
     P = batch_size / K identities × K images; ``attention`` a query image plus ``num_keys`` key images of its identity
     per item (batches of shape (B, 1+k, 3, S, S), for an AttFC head); ``dual`` an instance batch plus an identity
     batch of ``dual_identities`` × K images (F2C); ``block`` every image once, identities drawn from a sliding
@@ -274,7 +278,11 @@ class TrainCfg:
     log_every: int = _field(20, ge=1)
     """Steps between metric lines."""
     checkpoint_every: int = _field(0, ge=0)
-    """Steps between checkpoints (0: only at the end)."""
+    """Steps between checkpoints (0: none by step count; ``checkpoint_every_minutes`` still applies, and the run
+    always checkpoints at the end)."""
+    checkpoint_every_minutes: float = _field(30.0, ge=0)
+    """Wall time between checkpoints, counted from the end of the previous one (0: none by time), so a killed run
+    loses at most this much training; beside ``checkpoint_every`` (docs/checkpoints.md gives a checkpoint's cost)."""
     keep_checkpoints: int = _field(2, ge=1)
     """Newest checkpoints kept on disk."""
 
@@ -309,6 +317,10 @@ class BankCfg:
     """Threads that load (read or initialise) the blocks one bank call misses, in parallel: the nvme tier's cache
     misses and the ram tier's first touch of a block. 0 = one per CPU core, the cores shared by the run's processes on
     the machine, at most 8; 1 = one at a time on the calling thread (the prefetcher's)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """What bank rows (centers and momentum) are stored and moved in: ``bfloat16`` halves host RAM, disk and bank
+    traffic; rows are updated in float32 on the device and rounded once per write-back (stochastically for
+    ``partial_fc``). Fixed when the bank is created: opening a bank of another dtype is refused."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -335,6 +347,17 @@ class EvalCfg:
     """Images per forward pass."""
     at_end: bool = True
     """Evaluate when training ends."""
+    ijb: str = ""
+    """IJB-B / IJB-C root (``meta/``, ``loose_crop/``; docs/ijb.md) for 1:1 template verification after the packs;
+    empty: none."""
+    ijb_protocol: Literal["IJBC", "IJBB"] = "IJBC"
+    """Which protocol's meta files (``ijbc_*`` or ``ijbb_*``) to evaluate."""
+    ijb_detector_score: bool = True
+    """IJB: weight each image's feature by its detector score (the reference's default)."""
+    ijb_media_pooling: bool = True
+    """IJB: average the images of one media (video frames) before summing a template's media (the reference's)."""
+    ijb_normalize_images: bool = False
+    """IJB: L2-normalise each image's feature before pooling (the reference keeps its norm)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -352,3 +375,11 @@ class Config:
     bank: BankCfg = field(default_factory=BankCfg)
     cache: CacheCfg = field(default_factory=CacheCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    head_defaults: tuple[str, ...] = field(default=(), compare=False, metadata={"section": False})
+    """Not a section: the ``section.name`` keys whose value the head chose (its defaults and ``data.sampler =
+    "auto"``; :mod:`offloadfr.config.head_defaults`) because the run file and ``--set`` left them unset."""
+
+
+def section_names() -> tuple[str, ...]:
+    """The sections of :class:`Config`, in order (its fields but ``head_defaults``)."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get("section", True))

@@ -362,6 +362,9 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank = {rank}, world_size = {world_size}; need world_size >= 1 and 0 <= rank < "
                           "world_size")
+    if cfg.sampler == "auto":  # load_config resolves it from head.kind; a DataCfg built in code must name one
+        raise ConfigError("data.sampler = 'auto' reached the loader unresolved: load the config with load_config() "
+                          "(it picks the head's sampler) or name a sampler, e.g. DataCfg(sampler='instance')")
     index = read_index(os.fspath(cfg.path))
     if cfg.sampler != "instance":
         spec = sampler_spec(cfg, batch_size=batch_size, block_rows=block_rows, block_window=block_window)

@@ -6,15 +6,21 @@ With one process (no process group) every primitive is the plain operation and r
 from offloadfr.distributed.collectives import (
     all_gather_labels,
     all_gather_rows,
-    all_gather_rows_to_host,
     all_gather_with_grad,
     all_reduce_sum_,
     check_process_group,
     gather_batch_sizes,
+    gather_rows_to_main,
     process_group_size,
 )
 from offloadfr.distributed.env import DistEnv
-from offloadfr.distributed.group import all_gather_objects, barrier, check_launch, destroy_process_group, init_process_group
+from offloadfr.distributed.group import (
+    all_gather_objects,
+    barrier,
+    check_launch,
+    destroy_process_group,
+    init_process_group,
+)
 from offloadfr.distributed.partition import ClassPartition
 from offloadfr.distributed.sharded_ce import sharded_softmax_cross_entropy
 
@@ -24,7 +30,6 @@ __all__ = [
     "all_gather_with_grad",
     "all_gather_labels",
     "all_gather_rows",
-    "all_gather_rows_to_host",
     "all_reduce_sum_",
     "all_gather_objects",
     "barrier",
@@ -32,6 +37,7 @@ __all__ = [
     "init_process_group",
     "destroy_process_group",
     "gather_batch_sizes",
+    "gather_rows_to_main",
     "check_process_group",
     "process_group_size",
     "sharded_softmax_cross_entropy",

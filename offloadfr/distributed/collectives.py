@@ -39,7 +39,7 @@ __all__ = [
     "all_gather_with_grad",
     "all_gather_labels",
     "all_gather_rows",
-    "all_gather_rows_to_host",
+    "gather_rows_to_main",
     "gather_batch_sizes",
     "all_reduce_sum_",
 ]
@@ -230,22 +230,25 @@ def all_gather_rows(x_B_: torch.Tensor, sizes: Sequence[int] | None = None, grou
     return all_gather_labels(x_B_, sizes, group)
 
 
-def all_gather_rows_to_host(x_C_: torch.Tensor, sizes: Sequence[int], group: Group | None = None, *,
-                            chunk_bytes: int = 256 << 20) -> torch.Tensor:
-    """Every rank's rows in rank order, in host memory, gathered a chunk at a time (a partitioned head's class centers
-    for a checkpoint).
+def gather_rows_to_main(x_C_: torch.Tensor, sizes: Sequence[int], group: Group | None = None, *,
+                        chunk_bytes: int = 256 << 20) -> torch.Tensor | None:
+    """Every rank's rows in rank order, in the host memory of the group's first rank only, gathered a chunk at a time
+    (a partitioned head's class centers for the checkpoint that rank 0 writes alone).
 
-    The device holds at most one chunk of the result at a time (about ``chunk_bytes``), not all ``sum(sizes)`` rows:
-    ``fc`` at 10M ids on 8 GPUs would otherwise put 20 GB of gathered centers, and as much momentum, on every GPU.
+    Host memory: the first rank holds the ``sum(sizes)`` rows, every other rank none of them (only the chunk of its
+    own rows it sends), so ``fc`` at 10M ids on 8 GPUs of one host needs one 41 GB copy of its centers and momentum,
+    not 8. Device: at most one chunk of the result at a time (about ``chunk_bytes``, on the first rank; one W-th of it
+    on the others), not all ``sum(sizes)`` rows (20 GB per array at 10M ids).
 
     Args:
         x_C_: this rank's rows (C × ...), on the device the backend communicates on (CUDA for NCCL).
         sizes: the C of every rank (they may differ).
-        group: process group (None: the world).
+        group: process group (None: the world); its rank 0 receives the rows.
         chunk_bytes: the most bytes of gathered rows (all ranks together) on the device at once.
 
     Returns:
-        (sum(sizes) × ...) rows on the CPU; on the plain path ``x_C_`` on the CPU.
+        (sum(sizes) × ...) rows on the CPU on the group's rank 0, None on the other ranks; on the plain path ``x_C_``
+        on the CPU.
 
     Raises:
         DataError: ``sizes`` does not have one entry per rank or disagrees with this rank's C.
@@ -253,18 +256,23 @@ def all_gather_rows_to_host(x_C_: torch.Tensor, sizes: Sequence[int], group: Gro
     world = process_group_size(group)
     if world == 1:
         return x_C_.cpu()
-    _check_sizes(sizes, x_C_.shape[0], world, dist.get_rank(group))
-    out = torch.empty((sum(sizes), *x_C_.shape[1:]), dtype=x_C_.dtype)
+    rank = dist.get_rank(group)
+    _check_sizes(sizes, x_C_.shape[0], world, rank)
+    dst = 0 if group is None else dist.get_global_rank(group, 0)
+    out = torch.empty((sum(sizes), *x_C_.shape[1:]), dtype=x_C_.dtype) if rank == 0 else None
     row_bytes = max(1, x_C_[:1].numel() * x_C_.element_size())
-    step = max(1, chunk_bytes // (world * row_bytes))
+    step = max(1, min(max(sizes), chunk_bytes // (world * row_bytes)))
     starts = [sum(sizes[:r]) for r in range(world)]
+    buffer = None if out is None else x_C_.new_empty((world * step, *x_C_.shape[1:]))  # one chunk, reused
     for first in range(0, max(sizes), step):  # every rank runs the same chunks, padded to the same shape
         count = min(step, max(sizes) - first)
-        piece = x_C_.new_zeros((count, *x_C_.shape[1:]))
-        mine = x_C_[first : first + count]
-        piece[: mine.shape[0]] = mine
-        gathered = _gather(piece, None, group).cpu()
-        for r, n in enumerate(sizes):
-            valid = max(0, min(count, n - first))
-            out[starts[r] + first : starts[r] + first + valid] = gathered[r * count : r * count + valid]
+        piece = x_C_[first : first + count]
+        if piece.shape[0] < count:  # this rank's rows end before the chunk does
+            piece = torch.cat([piece, piece.new_zeros((count - piece.shape[0], *piece.shape[1:]))])
+        pieces = None if buffer is None else list(buffer[: world * count].chunk(world))
+        dist.gather(piece, pieces, dst=dst, group=group)
+        if out is not None and pieces is not None:
+            for r, n in enumerate(sizes):
+                valid = max(0, min(count, n - first))
+                out[starts[r] + first : starts[r] + first + valid] = pieces[r][:valid]
     return out

@@ -62,9 +62,9 @@ class ClassPartition:
             raise ConfigError(f"align = {self.align}; it must be >= 1 (ids per bank chunk)")
         if self._num_blocks < self.world_size:
             raise ConfigError(
-                f"num_classes = {self.num_classes} in blocks of {self.align} ids gives {self._num_blocks} blocks, fewer "
-                f"than world_size = {self.world_size}; every rank must own at least one block: use fewer processes, "
-                "a smaller bank.chunk_rows, or a dataset with more identities"
+                f"num_classes = {self.num_classes} in blocks of {self.align} ids gives {self._num_blocks} blocks, "
+                f"fewer than world_size = {self.world_size}; every rank must own at least one block: use fewer "
+                "processes, a smaller bank.chunk_rows, or a dataset with more identities"
             )
 
     @classmethod

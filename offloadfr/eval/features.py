@@ -29,8 +29,8 @@ def _input_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def extract_embeddings(model: torch.nn.Module, images_u8: torch.Tensor, *, batch_size: int = 256, flip: bool = True,
-                       device: torch.device | None = None) -> torch.Tensor:
-    """Embeds images with ``model`` in eval mode and returns L2-normalised float32 embeddings.
+                       device: torch.device | None = None, normalize: bool = True) -> torch.Tensor:
+    """Embeds images with ``model`` in eval mode and returns float32 embeddings, L2-normalised by default.
 
     Each image is scaled to ``[-1, 1]`` as ``(x / 255 - 0.5) / 0.5`` (the arcface_torch training normalisation).
     With ``flip``, the embedding is ``f(x) + f(mirror(x))`` before normalisation (insightface's flip test). The
@@ -42,9 +42,11 @@ def extract_embeddings(model: torch.nn.Module, images_u8: torch.Tensor, *, batch
         batch_size: Images per forward pass (the flipped copies run in a second pass of the same size).
         flip: Add the embedding of the horizontally mirrored image.
         device: Where the forward runs; defaults to the device of the model's parameters.
+        normalize: L2-normalise each row. False keeps the raw (flip-summed) feature and its norm, which IJB template
+            pooling weighs images by (:mod:`offloadfr.eval.ijb`).
 
     Returns:
-        ``float32`` tensor ``(N, D)`` on the CPU, each row of unit L2 norm.
+        ``float32`` tensor ``(N, D)`` on the CPU, each row of unit L2 norm when ``normalize``.
 
     Raises:
         DataError: ``images_u8`` is not a ``uint8`` ``(N, 3, S, S)`` tensor, or ``batch_size < 1``.
@@ -67,7 +69,7 @@ def extract_embeddings(model: torch.nn.Module, images_u8: torch.Tensor, *, batch
                 emb_BD = model(x_BCSS).float()
                 if flip:
                     emb_BD = emb_BD + model(torch.flip(x_BCSS, dims=[3])).float()
-                chunks.append(F.normalize(emb_BD, dim=1).cpu())
+                chunks.append((F.normalize(emb_BD, dim=1) if normalize else emb_BD).cpu())
     finally:
         model.train(was_training)
     if not chunks:  # N == 0: no forward ran, so D is unknown

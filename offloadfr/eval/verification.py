@@ -40,7 +40,7 @@ from offloadfr.data.pairs import decode_images, read_pairs_bin
 from offloadfr.errors import DataError
 from offloadfr.eval.features import extract_embeddings
 
-__all__ = ["VerificationResult", "evaluate_pairs", "evaluate_pack", "far_key"]
+__all__ = ["VerificationResult", "evaluate_pairs", "evaluate_pack", "far_key", "tar_at_far"]
 
 _END_EPS = 1e-6
 """Offset of the two end thresholds (all pairs "same" / all "different") from the extreme training scores."""
@@ -143,14 +143,33 @@ def _best_threshold(score_P: np.ndarray, same_P: np.ndarray) -> float:
     return float(thr_T[np.argmax(true_acc_T + true_rej_T)])
 
 
-def _tar_at_far(score_P: np.ndarray, same_P: np.ndarray, far: float) -> float:
+def tar_at_far(score_P: np.ndarray, same_P: np.ndarray, fars: Sequence[float]) -> dict[str, float]:
+    """TAR at each FAR over all pairs, by the rule of the module docstring (the lowest threshold whose FAR is
+    ``<= far``; "same" when ``score > threshold``).
+
+    Each class of scores is sorted once, so this also serves IJB-C's 15.7M template pairs (:mod:`.ijb`).
+
+    Args:
+        score_P: ``(P,)`` pair scores (higher: more alike).
+        same_P: ``(P,)`` bools, True for same-identity pairs; both classes must be present.
+        fars: False-accept rates in ``(0, 1]``.
+
+    Returns:
+        ``{far_key(far): tar}`` for each FAR.
+    """
     diff_desc = np.sort(score_P[~same_P])[::-1]
-    # At most k false accepts; the 1e-9 keeps e.g. 0.1 * 30 = 3.0000000000000004 or 2.9999999999999996 at 3.
-    k = math.floor(far * diff_desc.size + 1e-9)
-    if k >= diff_desc.size:
-        return 1.0
-    # Exactly the k highest different-pair scores lie above diff_desc[k] (fewer on ties): FAR <= k / n_diff <= far.
-    return float(np.mean(score_P[same_P] > diff_desc[k]))
+    same_sorted = np.sort(score_P[same_P])
+    out = {}
+    for far in fars:
+        # At most k false accepts; the 1e-9 keeps e.g. 0.1 * 30 = 3.0000000000000004 or 2.9999999999999996 at 3.
+        k = math.floor(far * diff_desc.size + 1e-9)
+        if k >= diff_desc.size:
+            out[far_key(far)] = 1.0
+            continue
+        # Exactly the k highest different-pair scores lie above diff_desc[k] (fewer on ties): FAR <= k / n_diff.
+        num_above = same_sorted.size - np.searchsorted(same_sorted, diff_desc[k], side="right")
+        out[far_key(far)] = float(num_above / same_sorted.size)
+    return out
 
 
 def _roc(score_P: np.ndarray, same_P: np.ndarray) -> tuple[list[float], list[float]]:
@@ -214,7 +233,7 @@ def evaluate_pairs(emb_ND: torch.Tensor | np.ndarray, issame: Sequence[bool] | t
         accuracy=float(np.mean(fold_acc_F)),
         accuracy_std=float(np.std(fold_acc_F)),
         threshold=float(np.mean(fold_thr_F)),
-        tar_at_far={far_key(far): _tar_at_far(score_P, same_P, far) for far in fars},
+        tar_at_far=tar_at_far(score_P, same_P, fars),
         num_pairs=num_pairs,
         roc_fpr=fpr,
         roc_tpr=tpr,

@@ -28,9 +28,9 @@ from offloadfr.config import BankCfg, CacheCfg, HeadCfg
 from offloadfr.distributed import (
     ClassPartition,
     all_gather_labels,
-    all_gather_rows_to_host,
     all_gather_with_grad,
     all_reduce_sum_,
+    gather_rows_to_main,
     process_group_size,
     sharded_softmax_cross_entropy,
 )
@@ -185,13 +185,14 @@ def partitioned_loss(logits_NC: torch.Tensor, target_N: torch.Tensor, *,
     return sharded_softmax_cross_entropy(logits_NC, target_N, allow_unlabelled=allow_unlabelled)
 
 
-def gather_partitioned_rows(rows_CD: torch.Tensor, partition: ClassPartition) -> torch.Tensor:
-    """All N rows of a tensor whose rows are partitioned by ``partition`` (a collective: every rank calls it), in host
-    memory on W > 1 processes (gathered a chunk at a time: the device never holds all N rows)."""
+def gather_partitioned_rows(rows_CD: torch.Tensor, partition: ClassPartition) -> torch.Tensor | None:
+    """All N rows of a tensor whose rows are partitioned by ``partition`` (a collective: every rank calls it): on
+    W > 1 processes in rank 0's host memory and None on the other ranks (gathered a chunk at a time: the device never
+    holds all N rows, and only one process holds them in host memory)."""
     if partition.world_size == 1:
         return rows_CD
     sizes = [end - start for start, end in map(partition.range_of, range(partition.world_size))]
-    return all_gather_rows_to_host(rows_CD.contiguous(), sizes)
+    return gather_rows_to_main(rows_CD.contiguous(), sizes)
 
 
 _ROWS = ("weight", "momentum_buf")
@@ -200,15 +201,24 @@ _ROWS = ("weight", "momentum_buf")
 def keep_global_rows_in_state(head: Head) -> None:
     """Makes a head whose ``weight`` and ``momentum_buf`` rows are partitioned by ``head.partition`` save all of them
     (a collective in ``state_dict``) and load its own range of a state holding all of them, so a checkpoint does not
-    depend on the number of processes (``fc``, ``vfc``)."""
+    depend on the number of processes (``fc``, ``vfc``).
+
+    Only rank 0 writes a checkpoint, so only rank 0's ``state_dict()`` holds the N rows; on the other ranks both keys
+    are left out (a strict ``load_state_dict`` of such a state fails on the missing keys), and their host memory holds
+    no copy of the rows.
+    """
     head.register_state_dict_post_hook(_gather_rows_hook)
     head.register_load_state_dict_pre_hook(_slice_rows_hook)
 
 
 def _gather_rows_hook(module: Head, state: dict, prefix: str, local_metadata: dict) -> None:
-    """state_dict: all rows (a collective), so the checkpoint does not depend on the number of processes."""
+    """state_dict: all rows on rank 0 (a collective), none on the others."""
     for name in _ROWS:
-        state[prefix + name] = gather_partitioned_rows(state[prefix + name].detach(), module.partition)
+        rows = gather_partitioned_rows(state[prefix + name].detach(), module.partition)
+        if rows is None:
+            del state[prefix + name]
+        else:
+            state[prefix + name] = rows
 
 
 def _slice_rows_hook(module: Head, state: dict, prefix: str, *args: object) -> None:

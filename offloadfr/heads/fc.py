@@ -2,9 +2,10 @@
 
 Legend: B = batch, D = embedding width, N = num_classes, C = ids of this rank (N with one process).
 
-With W processes each rank holds the C rows of its contiguous id range (``distributed.ClassPartition``), the embeddings and
-labels of the global batch are all-gathered, and the cross-entropy is sharded. Checkpoints hold all N rows (gathered
-at save, sliced at load), so a run saved on W processes resumes on any other number.
+With W processes each rank holds the C rows of its contiguous id range (``distributed.ClassPartition``), the embeddings
+and labels of the global batch are all-gathered, and the cross-entropy is sharded. Checkpoints hold all N rows
+(gathered at save into the host memory of rank 0 alone, which writes them; sliced at load), so a run saved on W
+processes resumes on any other number.
 
 The centers start from the bank's deterministic per-id initialiser, so ``fc`` and ``partial_fc`` (with every id
 resident) start from the same rows and follow the same trajectory. Every row is in the softmax, so every row gets a

@@ -18,6 +18,10 @@ Per step (DESIGN §5):
 
 With K ≥ N and ``sample_rate = 1`` this head computes exactly what ``fc`` computes (tests/test_partial_fc.py).
 
+With ``bank.dtype = "bfloat16"`` the bank stores and moves centers and momentum in bfloat16; the DCC holds them in
+float32 (the update is float32), and the prefetcher rounds each evicted row once, by ``WRITE_BACK_ROUNDING``
+(docs/bank.md has the measurements behind the choice).
+
 With W processes (docs/distributed.md): the ids are split into W contiguous ranges whose boundaries fall on bank
 blocks (``ClassPartition(align=chunk_rows)``), each rank has its own DCC, negative stream and prefetcher over its
 range, and all ranks share ONE global bank on disk, each writing only the chunks of its own range (one writer per
@@ -43,6 +47,9 @@ from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_
 __all__ = ["PartialFCHead"]
 
 _ARRAYS = ("centers", "momentum")
+
+WRITE_BACK_ROUNDING = "stochastic"
+"""How rows are rounded to a bfloat16 bank at write-back (``Prefetcher(rounding=...)``); no effect on float32."""
 
 
 class _NegativeStream:
@@ -117,7 +124,8 @@ class PartialFCHead(Head):
         num_slots = min(deps.cache.num_slots or num_local, num_local)
         self.dcc = DynamicClassContainer(num_slots, deps.dim, arrays=_ARRAYS, device=deps.device,
                                          policy=deps.cache.policy)
-        self.prefetcher = Prefetcher(self.bank, self.dcc, arrays=_ARRAYS, device=deps.device)
+        self.prefetcher = Prefetcher(self.bank, self.dcc, arrays=_ARRAYS, device=deps.device,
+                                     rounding=WRITE_BACK_ROUNDING, seed=deps.bank.seed + deps.rank)
         block_rows = self.bank.chunk_rows if deps.bank.tier == "nvme" else 1
         self._stream_args = (num_local, block_rows, deps.bank.seed + deps.rank, self.partition.class_start)
         self.negatives = _NegativeStream(*self._stream_args)

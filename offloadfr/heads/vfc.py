@@ -30,11 +30,11 @@ Batches: the head works with any batch, but the method is meant for a P×K ident
 A batch with more than M distinct identities ignores the excess (``vfc/ignored_ids``).
 
 W processes (the authors' code runs one GPU): the anchors are partitioned like ``fc``'s class centers (contiguous
-ranges of the M anchors, ``distributed.ClassPartition``). The embeddings are all-gathered with gradient, every rank makes
-the same anchor assignment from the global batch's labels and overwrites the anchors it owns with the global batch's
-feature sums, and the softmax cross-entropy is sharded, with the ignored identities' rows left out
+ranges of the M anchors, ``distributed.ClassPartition``). The embeddings are all-gathered with gradient, every rank
+makes the same anchor assignment from the global batch's labels and overwrites the anchors it owns with the global
+batch's feature sums, and the softmax cross-entropy is sharded, with the ignored identities' rows left out
 (``allow_unlabelled``). A 2-rank step is the 1-process step of the global batch (tests/test_dist_train.py), and the
-checkpoint holds all M anchors on any process count.
+checkpoint holds all M anchors on any process count (gathered to rank 0 alone, like ``fc``'s rows).
 """
 
 from __future__ import annotations

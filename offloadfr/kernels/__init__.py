@@ -51,8 +51,8 @@ def check_kernel(kernel: str, margin: Margin, device: torch.device, world_size: 
     """Checks that ``kernel`` can compute ``margin`` on ``device``; returns the kernel a head uses. Call it when a
     head is built.
 
-    With ``world_size > 1`` the loss is the sharded cross-entropy of :mod:`offloadfr.distributed`, which stays plain: the
-    result is then ``"torch"`` (one warning).
+    With ``world_size > 1`` the loss is the sharded cross-entropy of :mod:`offloadfr.distributed`, which stays plain:
+    the result is then ``"torch"`` (one warning).
 
     Raises:
         ConfigError: an unknown kernel; ``triton`` without the triton package, with a margin that changes more than

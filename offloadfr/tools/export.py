@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from offloadfr.tools import ExportError, require
+from offloadfr.train.preflight import check_output
 
 __all__ = ["export_onnx", "export_torchscript", "export_state_dict", "sample_batch", "ONNX_ATOL"]
 
@@ -66,12 +67,12 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, image_size: int, ato
     Raises:
         MissingExtraError: onnx or onnxruntime is not installed (the ``export`` extra).
         ExportError: the ONNX Runtime outputs differ from PyTorch's by more than ``atol``.
+        OutputPathError: ``out`` cannot be written (checked before the export).
     """
     onnx = require("onnx", "export")
     ort = require("onnxruntime", "export")
     model = model.eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output(out, "the ONNX output")
     # dynamo=False: the TorchScript-based exporter, which needs no onnxscript; it announces its deprecation
     with warnings.catch_warnings(), _plain_linear():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -102,10 +103,10 @@ def export_torchscript(model: torch.nn.Module, out: str | Path, *, image_size: i
 
     Raises:
         ExportError: the traced module does not reproduce the eager model (difference above :data:`ONNX_ATOL`).
+        OutputPathError: ``out`` cannot be written (checked before the export).
     """
     model = model.eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output(out, "the TorchScript output")
     with torch.no_grad(), warnings.catch_warnings(), _plain_linear():
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, (sample_batch(image_size, 2),))
@@ -120,7 +121,10 @@ def export_torchscript(model: torch.nn.Module, out: str | Path, *, image_size: i
 
 def export_state_dict(model: torch.nn.Module, out: str | Path) -> None:
     """Writes the backbone's ``state_dict`` alone (fp32 tensors on the CPU), loadable with
-    ``build_backbone(...).load_state_dict(torch.load(out))``."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ``build_backbone(...).load_state_dict(torch.load(out))``.
+
+    Raises:
+        OutputPathError: ``out`` cannot be written.
+    """
+    out = check_output(out, "the state dict output")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)

@@ -143,6 +143,9 @@ def render(info: dict[str, Any]) -> str:
         lines.append("  eval: none (no eval.json)")
     for row in ([] if ev is None else ev.get("packs", [ev])):
         tar = ", ".join(f"TAR@FAR={k} {v:.3f}" for k, v in row["tar_at_far"].items())
+        if "accuracy" not in row:  # an IJB template-verification row (offloadfr/eval/ijb.py)
+            lines.append(f"  eval ({row.get('protocol')} {row.get('ijb')}, step {row.get('step')}): {tar}")
+            continue
         lines.append(f"  eval ({row.get('pairs')}, step {row.get('step')}): accuracy {row['accuracy']:.4f} "
                      f"± {row['accuracy_std']:.4f}; {tar}")
     if info["bank"] is not None:

@@ -76,6 +76,9 @@ def _last_eval_roc(run_dir: Path) -> tuple[dict[str, list[float]], str] | None:
     row = ev["packs"][0] if "packs" in ev else ev
     if "roc" not in row:
         return None
+    if "accuracy" not in row:  # an IJB template-verification row (offloadfr/eval/ijb.py)
+        return row["roc"], f"{row.get('protocol')} at step {row.get('step')}, " \
+                           f"TAR@FAR=1e-4 {row['tar_at_far'].get('1e-4', float('nan')):.4f}"
     return row["roc"], f"{Path(str(row.get('pairs', 'pairs'))).name} at step {row.get('step')}, " \
                        f"accuracy {row['accuracy']:.4f}"
 

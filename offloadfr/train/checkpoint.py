@@ -11,7 +11,6 @@ of its step exists (docs/checkpoints.md). A full disk raises ``DiskFullError`` a
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from collections.abc import Callable
@@ -69,10 +68,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: 
     _remove_stale_temporaries(root)
     try:
         tmp.mkdir()
-        buffer = io.BytesIO()  # serialised in memory, so that a full disk surfaces as an OSError from write()
-        torch.save(state, buffer)
-        with open(tmp / "state.pt", "wb") as fh:
-            fh.write(buffer.getbuffer())
+        _save_state(state, tmp / "state.pt")
         (tmp / "config.toml").write_text(to_toml(cfg))
         if write_extra is not None:
             write_extra(tmp)
@@ -96,6 +92,38 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], cfg: 
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class _RecordingWriter:
+    """The file ``torch.save`` streams into, remembering the OSError of a failed write: torch reports it as a
+    RuntimeError without the errno, and a full disk must still be recognised as one."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._fh.write(data))
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` straight into the file, not through an in-memory copy: the state holds every row of an ``fc``
+    head (41 GB at 10M ids), and serialising it in memory first would hold it twice on rank 0."""
+    with open(path, "wb") as fh:
+        writer = _RecordingWriter(fh)
+        try:
+            torch.save(state, writer)
+        except RuntimeError as exc:
+            if writer.error is None:
+                raise
+            raise writer.error from exc
 
 
 def _remove_stale_temporaries(root: Path) -> None:

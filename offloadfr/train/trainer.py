@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from offloadfr.bank.zarr_bank import auto_chunk_rows, resolve_bank
+from offloadfr.bank.layout import auto_chunk_rows
+from offloadfr.bank.zarr_bank import resolve_bank
 from offloadfr.config import Config, to_toml
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import DatasetIndex, read_index
@@ -46,20 +47,22 @@ from offloadfr.distributed import (
     init_process_group,
 )
 from offloadfr.errors import CheckpointError, ConfigError, DataError, NonFiniteError, OffloadFRError
+from offloadfr.eval.ijb import evaluate_ijb_config
 from offloadfr.eval.verification import VerificationResult, evaluate_pack
 from offloadfr.heads import Head, HeadDeps, build_head
 from offloadfr.losses import build_margin
 from offloadfr.models import build_backbone
 from offloadfr.train.checkpoint import (
     checkpoint_steps,
-    list_checkpoints,
     load_checkpoint,
     load_checkpoint_config,
     save_checkpoint,
 )
+from offloadfr.train.checkpoint_timer import CheckpointTimer
 from offloadfr.train.ds_engine import DeepSpeedEngine, build_engine
 from offloadfr.train.engine import Engine, resolve_precision
 from offloadfr.train.metrics import Progress, check_sinks, open_sinks, warn_once
+from offloadfr.train.preflight import preflight
 from offloadfr.train.schedulers import LRSchedule
 
 __all__ = ["train", "TrainResult", "run_dir_of", "ensure_dataset", "normalise_images", "train_step", "with_lookahead"]
@@ -76,8 +79,8 @@ class TrainResult:
         final_loss: mean loss over the last log interval.
         images_per_second: mean training throughput.
         checkpoint: directory of the final checkpoint.
-        eval: the verification result as written to ``eval.json`` (None when ``eval.at_end`` is false, and on ranks
-            other than 0).
+        eval: the verification result as written to ``eval.json`` (None when ``eval.at_end`` is false or there is no
+            verification pack, and on ranks other than 0).
         rank: the process's rank (only rank 0 prints the summary).
     """
 
@@ -225,7 +228,8 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             there is none); a path continues from that checkpoint; None starts afresh.
 
     Raises:
-        OffloadFRError: bad config, missing data, or a non-finite loss (the step is stopped before any update).
+        OffloadFRError: bad config, missing data, an input or output that the pre-flight checks refuse
+            (:mod:`offloadfr.train.preflight`), or a non-finite loss (the step is stopped before any update).
     """
     check_launch()
     env = DistEnv.from_env(cfg.run.device)
@@ -242,8 +246,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
         torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) - cfg.data.num_workers))
     torch.manual_seed(cfg.run.seed)
     run_dir = run_dir_of(cfg)
+    bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
+    plan = preflight(cfg, run_dir=run_dir, bank_path=bank_path, resume=resume, env=env)  # every input, before step 1
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
 
     # components that only need the config first, so a bad name or value fails before any data work
@@ -258,7 +263,6 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     data_path = Path(cfg.data.path)
     num_classes = index.num_classes
     engine = build_engine(cfg.engine, cfg.train, model, env.device)
-    bank_path = Path(cfg.bank.path) if cfg.bank.path else run_dir / "bank"
     if env.is_main:  # a flush a crash left prepared: forward or back (one process settles the global bank)
         resolve_bank(bank_path, checkpoint_steps(run_dir))
     barrier()
@@ -290,7 +294,7 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
             total_steps = min(total_steps, cfg.train.max_steps)
         schedule = LRSchedule(cfg.train, total_steps)
         step = 0
-        ckpt = _find_resume(run_dir, resume)
+        ckpt = plan.resume_from
         if ckpt is not None:
             step = _restore(ckpt, cfg, engine, head, schedule, env)
             print(f"offloadfr: resumed from {ckpt} at step {step}", file=sys.stderr)
@@ -306,6 +310,8 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
         epoch = step // steps_per_epoch
         skipped = skipped_in_row = 0
         stop = _GracefulStop()
+        timer = CheckpointTimer(cfg.train.checkpoint_every, cfg.train.checkpoint_every_minutes,
+                                world_size=env.world_size, device=env.device)
         try:
             while step < total_steps and not stop.requested:
                 t_data = time.perf_counter()
@@ -350,8 +356,9 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
                         sink.log(metrics, step)
                     t_log, data_time, images_since_log = now, 0.0, 0
                 progress.update(step, metrics)
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                if timer.due(step, total_steps):  # every checkpoint_every steps and checkpoint_every_minutes
                     _checkpoint(run_dir, step, epoch, engine, head, cfg, schedule, env)
+                    timer.saved()
         finally:
             stop.restore()
             batches.close()
@@ -367,15 +374,14 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
     if stop.requested:
         print(f"offloadfr: {stop.requested} received: stopped after step {step} and saved {last_ckpt}; continue "
               "with --resume auto", file=sys.stderr)
-    elif cfg.eval.at_end:
+    elif cfg.eval.at_end and (plan.packs or cfg.eval.ijb):  # without either, preflight said so at the start
         eval_model = engine.model
         if isinstance(engine, DeepSpeedEngine):  # ZeRO-3 partitions or bf16 weights: evaluate an fp32 copy
             eval_model = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size,
                                         image_size=cfg.model.image_size).to(env.device)
             eval_model.load_state_dict(engine.consolidated_state_dict())  # a gather: every rank calls it
         if env.is_main:
-            pairs = list(cfg.eval.pairs) or [str(data_path / "pairs.bin")]
-            result_eval = evaluate_run(eval_model, cfg, pairs, run_dir, step=step)
+            result_eval = evaluate_run(eval_model, cfg, list(plan.packs), run_dir, step=step)
     return TrainResult(run_dir=run_dir, steps=step, stopped=bool(stop.requested),
                        final_loss=sum(window_loss) / max(1, len(window_loss)),
                        images_per_second=(step - start_step) * cfg.train.batch_size * env.world_size / elapsed,
@@ -407,15 +413,6 @@ class _GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-
-
-def _find_resume(run_dir: Path, resume: str | None) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    return Path(resume)
 
 
 def _restore(ckpt: Path, cfg: Config, engine: Engine, head: Any, schedule: LRSchedule, env: DistEnv) -> int:
@@ -497,18 +494,22 @@ def _checkpoint(run_dir: Path, step: int, epoch: int, engine: Engine, head: Any,
 
 def evaluate_run(model: torch.nn.Module, cfg: Config, pairs: list[str], run_dir: Path, *,
                  step: int | None = None) -> dict[str, Any]:
-    """Evaluates ``model`` on each verification pack and writes ``<run_dir>/eval.json``.
+    """Evaluates ``model`` on each verification pack (and on ``eval.ijb``) and writes ``<run_dir>/eval.json``.
 
     Returns:
         The object written: for one pack its result (``accuracy``, ``accuracy_std``, ``threshold``,
         ``tar_at_far``, ``pairs``, ``step``, ``roc``: at most 512 points ``{"fpr": [...], "tpr": [...]}`` of the
-        ROC curve, for ``offloadfr plot``); for several, ``{"packs": [one such object per pack]}``.
+        ROC curve, for ``offloadfr plot``); for several, ``{"packs": [one such object per pack]}``. With
+        ``eval.ijb`` the IJB row (:meth:`offloadfr.eval.ijb.IJBResult.to_dict`, with ``step``) comes last.
     """
     rows = []
     for pack in pairs:
         result = evaluate_pack(model, pack, image_size=cfg.model.image_size, batch_size=cfg.eval.batch_size,
                                flip=cfg.eval.flip)
         rows.append({**result.to_dict(), "pairs": str(pack), "step": step, "roc": _roc_points(result)})
+    if cfg.eval.ijb:  # IJB-B/C template verification after the packs (docs/ijb.md)
+        ijb = evaluate_ijb_config(model, cfg.eval, image_size=cfg.model.image_size)
+        rows.append({**ijb.to_dict(include_roc=True), "step": step})
     out = rows[0] if len(rows) == 1 else {"packs": rows}
     text = json.dumps(out, indent=2)  # one key per line, but each list of numbers (the ROC) on one line:
     text = re.sub(r"\[\s+([^\[\]{}\"]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
