@@ -63,6 +63,14 @@ def test_a_bad_pack_stops_the_run_before_its_first_step(root: Path, capsys: pyte
         assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
 
 
+
+def test_a_bad_ijb_root_stops_the_run_before_its_first_step(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches a typo in eval.ijb reported only after the whole run has trained."""
+    assert main(["train", *_sets(root, "ijb", "eval.at_end=true", f"eval.ijb={root / 'no_ijb'}")]) == 2
+    assert "eval.ijb:" in capsys.readouterr().err
+    assert not (root / "runs" / "ijb" / "metrics.jsonl").exists()
+
+
 def test_a_dataset_without_pairs_trains_says_so_and_exits_0(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Catches the convert-then-train flow (a converted dataset has no pairs.bin) training to the end and then exiting
     2: the run must say at the start that it will not evaluate, and finish with exit code 0 and no eval.json."""

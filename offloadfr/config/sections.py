@@ -319,8 +319,8 @@ class BankCfg:
     the machine, at most 8; 1 = one at a time on the calling thread (the prefetcher's)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """What bank rows (centers and momentum) are stored and moved in: ``bfloat16`` halves host RAM, disk and bank
-    traffic; rows are updated in float32 on the device and rounded once per write-back (stochastically for
-    ``partial_fc``). Fixed when the bank is created: opening a bank of another dtype is refused."""
+    traffic; rows are updated in float32 on the device and rounded to nearest once per write-back (docs/bank.md).
+    Fixed when the bank is created: opening a bank of another dtype is refused."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

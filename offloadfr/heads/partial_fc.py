@@ -48,7 +48,7 @@ __all__ = ["PartialFCHead"]
 
 _ARRAYS = ("centers", "momentum")
 
-WRITE_BACK_ROUNDING = "stochastic"
+WRITE_BACK_ROUNDING = "nearest"
 """How rows are rounded to a bfloat16 bank at write-back (``Prefetcher(rounding=...)``); no effect on float32."""
 
 

@@ -41,6 +41,7 @@ from offloadfr.data.pairs import decode_images, read_pairs_bin
 from offloadfr.data.shards import read_index
 from offloadfr.distributed import DistEnv, all_gather_objects
 from offloadfr.errors import CheckpointError, DataError, OffloadFRError
+from offloadfr.eval.ijb import read_ijb_meta
 from offloadfr.models import build_backbone
 from offloadfr.train.checkpoint import list_checkpoints
 from offloadfr.train.ds_config import load_ds_config, resolve_ds_config
@@ -125,6 +126,11 @@ def _check(cfg: Config, run_dir: Path, bank_path: Path, resume: str | None, env:
     packs: tuple[str, ...] = ()
     if env.is_main:
         packs = _packs(cfg, data_path, generate)
+        if cfg.eval.at_end and cfg.eval.ijb:  # the IJB layout, every meta row and image file, read once (seconds)
+            try:
+                read_ijb_meta(cfg.eval.ijb, cfg.eval.ijb_protocol)
+            except (DataError, FileNotFoundError) as exc:
+                raise type(exc)(f"eval.ijb: {exc}") from None
         num_classes = cfg.synth.num_identities if generate else _num_classes(data_path)
         if num_classes:
             _check_free_disk(cfg, run_dir, bank_path, num_classes)
