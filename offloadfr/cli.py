@@ -186,11 +186,54 @@ def _cmd_convert(args: argparse.Namespace) -> int:
               "num_workers": args.workers, "progress": not args.quiet}
     t0 = time.perf_counter()
     if args.format == "folder":
-        summary = convert_folder(args.root, args.out, image_size=args.image_size, **common)
+        align = _align_options(args)
+        summary = convert_folder(args.root, args.out, image_size=None if align else args.image_size, align=align,
+                                 **common)
     else:
         summary = convert_rec(args.path, args.out, layout=args.layout, label_dtype=args.label_dtype, **common)
     print(f"{summary} in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _align_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The alignment options of ``--align`` (None without it); ``--face``/``--min-score`` need ``--align``."""
+    from offloadfr.data.convert_align import AlignOptions
+    from offloadfr.errors import ConfigError
+
+    if not args.align:
+        if args.face is not None or args.min_score is not None:
+            raise ConfigError("--face and --min-score choose how --align aligns faces; add --align")
+        return None
+    return AlignOptions(image_size=args.image_size or 112, face=args.face or "largest",
+                        min_score=0.5 if args.min_score is None else args.min_score)
+
+
+def _cmd_pairs(args: argparse.Namespace) -> int:
+    import time
+
+    from offloadfr.data.make_pairs import make_pairs
+    from offloadfr.errors import ConfigError
+
+    if args.image_size is not None and not args.align:
+        raise ConfigError("--image-size sets the side of the aligned crop; add --align (without it the images are "
+                          "copied as they are)")
+    _check_outputs(("OUT", args.out))
+    t0 = time.perf_counter()
+    summary = make_pairs(args.root, args.out, pairs_txt=args.pairs_txt, num_pairs=args.num_pairs,
+                         num_folds=args.num_folds, seed=args.seed, align=_align_options(args),
+                         num_workers=args.workers, progress=not args.quiet)
+    print(f"{summary} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _add_align_options(q: argparse.ArgumentParser, what: str) -> None:
+    q.add_argument("--align", action="store_true", help=f"detect each face and align it onto ArcFace's 112x112 "
+                   f"five-point template ({what}; needs pip install 'offloadfr[align]')")
+    q.add_argument("--face", choices=["largest", "center"],
+                   help="with --align, which face of a photo with several: largest (default) or the one nearest "
+                        "the centre (LFW-style photos)")
+    q.add_argument("--min-score", dest="min_score", type=float,
+                   help="with --align, the detector's confidence threshold (default 0.5)")
 
 
 def _check_outputs(*named: tuple[str, str | None], directory: bool = False) -> None:
@@ -262,6 +305,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="images per forward pass")
     p.set_defaults(func=_cmd_embed)
 
+    sub.add_parser("bench", help="the benchmarks, the same as python launch/bench.py (offloadfr bench --help)")
+
     p = sub.add_parser("inspect", help="what is in a bank or a run directory")
     p.add_argument("what", choices=["bank", "run"], help="bank: a Zarr class-center bank; run: runs/<name>")
     p.add_argument("path", metavar="PATH", help="the bank directory or the run directory")
@@ -285,7 +330,9 @@ def _build_parser() -> argparse.ArgumentParser:
         q.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "folder":
             q.add_argument("--image-size", dest="image_size", type=int,
-                           help="image_size recorded in index.json (default: side of the first image)")
+                           help="with --align: side of the aligned crop (default 112); without: image_size "
+                                "recorded in index.json (default: side of the first image)")
+            _add_align_options(q, "images without a face are skipped and listed in OUT/align_report.json")
         else:
             q.add_argument("--layout", choices=["auto", "ranges", "labels"], default="auto",
                            help="ranges: header record 0 + identity ranges (MS1M, Glint360K); labels: one label "
@@ -293,6 +340,24 @@ def _build_parser() -> argparse.ArgumentParser:
             q.add_argument("--label-dtype", dest="label_dtype", choices=["float32", "float64"], default="float32",
                            help="float type of the record labels (float64 for IdQQ packs)")
         q.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("pairs", help="a verification pack (.bin, as eval reads) from an image folder: LFW-style "
+                       "pairs.txt or balanced random pairs in 10 folds")
+    p.add_argument("root", metavar="ROOT", help="ROOT/<identity>/*.jpg|jpeg|png: one sub-folder per identity")
+    p.add_argument("out", metavar="OUT", help="the pack to write, e.g. lfw.bin (its report: OUT with .json)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--pairs-txt", dest="pairs_txt", metavar="PAIRS.txt",
+                     help="LFW-style pairs: 'name i j' (same) / 'name1 i name2 j' (different) lines, i from 1")
+    how.add_argument("--num-pairs", dest="num_pairs", type=int, metavar="N",
+                     help="N balanced random pairs: per fold N/(2*folds) same, then as many different")
+    p.add_argument("--num-folds", dest="num_folds", type=int, default=10,
+                   help="folds of the random pairs, over disjoint identities (default 10, as eval uses)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
+    p.add_argument("--image-size", dest="image_size", type=int, help="with --align: side of the crop (default 112)")
+    _add_align_options(p, "a pair with an image without a face is dropped (pairs.txt) or drawn again (random)")
+    p.add_argument("--workers", type=int, default=0, help="processes preparing images in parallel")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pairs)
     return parser
 
 
@@ -301,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     from offloadfr.errors import OffloadFRError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmarks parse their own options (offloadfr/bench/cli.py)
+        from offloadfr.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -152,6 +152,25 @@ def _drop_field(ijb: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _image_folder(root: Path) -> Path:
+    """``root/faces/<Name>/<Name>_000i.jpg``: two identities of two tiny images (LFW naming)."""
+    from PIL import Image
+
+    folder = root / "faces"
+    if not folder.exists():
+        for k, name in enumerate(("Ann", "Bob")):
+            (folder / name).mkdir(parents=True)
+            for i in (1, 2):
+                Image.new("RGB", (8, 8), (60 * k, 40 * i, 0)).save(folder / name / f"{name}_{i:04d}.jpg")
+    return folder
+
+
+def _pairs_txt(root: Path, dest: str, text: str) -> list[str]:
+    """`offloadfr pairs` of the tiny image folder with the pairs file ``text``."""
+    (root / dest).write_text(text)
+    return ["pairs", str(_image_folder(root)), str(root / f"{dest}.bin"), "--pairs-txt", str(root / dest)]
+
+
 Case = tuple[str, Callable[[Path], list[str]], str]
 CASES: list[Case] = [
     ("unknown key", lambda r: ["train", "--set", "train.batchsize=3"], "unknown config key 'train.batchsize'"),
@@ -222,6 +241,12 @@ CASES: list[Case] = [
      "2.jpg (line 2 of ijbc_name_5pts_score.txt) cannot be decoded"),
     ("IJB option without --ijb", lambda r: ["eval", "--checkpoint", str(r / "runs" / "ok"), "--protocol", "IJBB"],
      "add --ijb ROOT"),
+    ("pairs.txt line of 5 fields", lambda r: _pairs_txt(r, "pairs_fields.txt", "Ann 1 2\nAnn 1 Bob 2 3\n"),
+     "pairs_fields.txt, line 2: 5 fields"),
+    ("pairs.txt unknown name", lambda r: _pairs_txt(r, "pairs_name.txt", "Ann 1 2\nAnn 1 Nobody 1\n"),
+     "pairs_name.txt, line 2: identity 'Nobody' is not a sub-folder"),
+    ("pairs.txt index out of range", lambda r: _pairs_txt(r, "pairs_index.txt", "Bob 1 3\n"),
+     "pairs_index.txt, line 1: Bob/Bob_0003.jpg (or .jpeg/.png) does not exist"),
 ]
 
 
@@ -236,3 +261,20 @@ def test_bad_input_exits_2_with_one_line(data: Path, capsys: pytest.CaptureFixtu
     last = err[-1]
     assert last.startswith("offloadfr: error: "), last
     assert expected in last, f"{name}: {last}"
+
+
+def test_missing_face_detector_exits_2_with_the_install_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches ``--align`` without the optional detector crashing with an ImportError traceback (or in a worker
+    process, after the plan), instead of one line naming the extra to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "yuface", None)  # what an environment without the extra sees on import
+    for argv in (["convert", "folder", str(_image_folder(tmp_path)), str(tmp_path / "out"), "--align"],
+                 ["pairs", str(_image_folder(tmp_path)), str(tmp_path / "p.bin"), "--num-pairs", "20", "--align"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("offloadfr: error: face alignment needs the yuface face detector"), last
+        assert "pip install 'offloadfr[align]'" in last
+    assert not (tmp_path / "out").exists()  # refused before anything was written

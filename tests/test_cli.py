@@ -7,6 +7,10 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
+from offloadfr.cli import main
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -68,3 +72,10 @@ def test_convert_folder_cli_and_missing_source(tmp_path: Path) -> None:
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "nope" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_offloadfr_bench_runs_the_benchmarks_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches `offloadfr bench` not reaching offloadfr/bench/cli.py (launch/bench.py is the same entry)."""
+    rows = REPO / "docs/benchmarks/kernel_cpu-2core_202611.jsonl"
+    assert main(["bench", "table", str(rows)]) == 0
+    assert capsys.readouterr().out.startswith("| num_slots | variant |")

@@ -8,6 +8,7 @@ processes."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import shutil
@@ -21,7 +22,8 @@ import torch
 from PIL import Image
 
 from offloadfr.config import DataCfg, SynthCfg, load_config
-from offloadfr.data.loader import build_train_loader
+from offloadfr.data.loader import TrainLoader, build_train_loader
+from offloadfr.data.samplers import SAMPLERS, PlannedDataset
 from offloadfr.data.shards import read_index
 from offloadfr.data.synth import generate_synthetic
 from offloadfr.errors import ConfigError, DataError
@@ -216,6 +218,80 @@ def test_reproducible_by_seed_and_epoch(dataset: Path, sampler: str) -> None:
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], labels_of(0, 1)[1])
     assert not torch.equal(a[1], labels_of(1, 0)[1])
+
+
+def _resume_cfg(path: Path, sampler: str, num_workers: int) -> DataCfg:
+    # a shuffle buffer smaller than a reader's range: a resumed instance reader must re-read the samples it holds
+    return DataCfg(path=str(path), generate_if_missing=False, num_workers=num_workers, sampler=sampler,  # type: ignore
+                   shuffle_buffer=16)
+
+
+def _loader(path: Path, sampler: str, num_workers: int, *, start_batch: int = 0, rank: int = 1) -> TrainLoader:
+    return build_train_loader(_resume_cfg(path, sampler, num_workers), image_size=16, batch_size=8, seed=3, epoch=1,
+                              rank=rank, world_size=WORLD, block_rows=4, block_window=3, start_batch=start_batch)
+
+
+def _assert_same_batches(got: list[tuple[torch.Tensor, torch.Tensor]],
+                         want: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    assert len(got) == len(want)
+    for i, ((images_u8, labels), (want_images_u8, want_labels)) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(labels, want_labels), f"batch {i}: other labels"
+        assert torch.equal(images_u8, want_images_u8), f"batch {i}: other pixels (order, sample or flip)"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_loader_started_at_a_step_yields_the_rest_of_the_epoch(dataset: Path, sampler: str, num_workers: int) -> None:
+    """Catches a resumed epoch that restarts, shifts or reorders the batches (a worker split or shuffle buffer that
+    restarts at the resume point), or that draws other flips: the loader started at step s must yield exactly steps
+    s.. of the whole epoch, pixels and labels, on a rank other than 0, with 0 and 2 DataLoader workers."""
+    full = list(_loader(dataset, sampler, num_workers))
+    steps = len(full)
+    assert steps >= 8
+    for start in (1, 3, (9 * steps) // 10, steps - 1, steps):
+        loader = _loader(dataset, sampler, num_workers, start_batch=start)
+        assert loader.steps_per_epoch == steps and len(loader) == steps - start
+        _assert_same_batches(list(loader), full[start:])
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_resume_at_90_percent_decodes_only_what_it_trains(dataset: Path, sampler: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a resume that reaches its place in the epoch by loading and discarding the batches before it (the
+    trainer's _epochs used to): the first batch of a run resumed at 90 % of an epoch must decode only its own
+    images, and the rest of the epoch only the rest."""
+    from offloadfr.data import loader as loader_mod
+    from offloadfr.train.trainer import _epochs
+
+    decoded = [0]
+
+    def counting(fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            decoded[0] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(loader_mod, "_decode", counting(loader_mod._decode))
+    monkeypatch.setattr(PlannedDataset, "_decode", counting(PlannedDataset._decode))
+    steps = _loader(dataset, sampler, 0).steps_per_epoch
+    start = (9 * steps) // 10
+    batches = _epochs(lambda epoch, first: _loader(dataset, sampler, 0, start_batch=first), 2 * steps, 37,
+                      start=steps + start, steps_per_epoch=steps)  # epoch 1, as the loaders here
+    _, (images_u8, _) = next(batches)
+    assert decoded[0] == images_u8.numel() // (3 * 16 * 16), "the first step decoded more than its own images"
+    rest = sum(x.numel() // (3 * 16 * 16) for _, (x, _) in itertools.islice(batches, steps - start - 1))
+    assert decoded[0] == images_u8.numel() // (3 * 16 * 16) + rest
+
+
+@pytest.mark.parametrize("sampler", ["instance", "identity"])
+def test_resumed_epoch_is_exact_with_corrupt_samples(dataset: Path, tmp_path: Path, sampler: str) -> None:
+    """Catches a resumed reader that replaces a corrupt sample by another substitute, or loses its place after one,
+    than the uninterrupted epoch did (a garbled JPEG and a truncated shard)."""
+    copy, _ = _corrupt(Path(shutil.copytree(dataset, tmp_path / "copy")))
+    full = list(_loader(copy, sampler, 0, rank=0))
+    for start in range(len(full) + 1):
+        _assert_same_batches(list(_loader(copy, sampler, 0, start_batch=start, rank=0)), full[start:])
+    with pytest.raises(ConfigError, match="start_batch"):
+        _loader(copy, sampler, 0, start_batch=len(full) + 1, rank=0)
 
 
 def test_bad_sampler_parameters(dataset: Path) -> None:

@@ -27,17 +27,28 @@ ones are only counted), and their place in the batch is taken by a copy of the n
 
 Batches are a function of ``(seed, epoch, rank, world_size, num_workers, batch_size, shuffle_buffer)`` and the
 dataset: the same values give the same batches, in the same order.
+
+A loader started at step ``start_batch`` (a resumed run) yields exactly the steps ``start_batch ..`` of the whole
+epoch without decoding the ones before. A reader's order is the shuffle buffer's output, which depends on every
+sample before it, but only on their number, never on their content: the same ``wds.shuffle`` with the same seed is
+run over sample positions (integers, no I/O) up to the resume point. The samples it still holds in its buffer
+there are read by byte offset (the shard's member table, one seek per run of neighbouring samples), reading goes on
+from the first position it has not pulled, and the flip stream is advanced by one draw per skipped sample. The
+order, the flips and the substitutes of corrupt samples are therefore those of the uninterrupted epoch, and the
+skipped samples cost neither a read nor a decode.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import random
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +58,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from offloadfr.config import DataCfg
-from offloadfr.data.samplers import PlannedDataset, SamplerSpec, plan_epoch
+from offloadfr.data.samplers import PlannedDataset, SamplerSpec, cached_member_table, plan_epoch
 from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.errors import ConfigError, DataError
 
@@ -56,15 +67,17 @@ __all__ = ["build_train_loader", "sampler_spec", "TrainLoader"]
 _log = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # datasets whose first corrupt sample was warned about (once per process)
 _STREAM_ORDER = 0x0D47A  # keeps the data-order stream apart from other users of (seed, epoch)
+_RUN_GAP = 32  # a resumed reader reads buffered samples this close together in one run (one seek)
 
 
 @dataclass(frozen=True, slots=True)
 class _Segment:
-    """Samples ``[start, stop)`` (positions inside the shard) of one shard."""
+    """Samples ``[start, stop)`` (positions inside the shard) of one shard of ``num_samples`` (index.json's)."""
 
     path: str
     start: int
     stop: int
+    num_samples: int
 
 
 def _plan_readers(index: DatasetIndex, *, batch_size: int, seed: int, epoch: int, world_size: int,
@@ -101,30 +114,63 @@ def _plan_readers(index: DatasetIndex, *, batch_size: int, seed: int, epoch: int
             for k, shard in enumerate(shards):
                 a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
                 if a < b:
-                    segs.append(_Segment(str(shard.path), a - int(starts[k]), b - int(starts[k])))
+                    segs.append(_Segment(str(shard.path), a - int(starts[k]), b - int(starts[k]),
+                                         shard.num_samples))
             rank_segments.append(segs)
         segments.append(rank_segments)
         batches.append(per_worker)
     return steps, segments, batches
 
 
-def _read_segment(seg: _Segment) -> Iterator[dict[str, Any]]:
-    """Yields exactly ``seg.stop - seg.start`` samples; those the tar cannot deliver come as ``__bad__`` stubs."""
-    n = 0
+def _read_segment(seg: _Segment, first: int | None = None) -> Iterator[dict[str, Any]]:
+    """Yields exactly ``seg.stop - first`` samples, the shard's samples ``first .. seg.stop - 1`` (``first``: by
+    default ``seg.start``); those the tar cannot deliver come as ``__bad__`` stubs.
+
+    Without ``first`` the tar is read from its start. With it, reading starts at that sample's first tar header (a
+    seek, from the shard's member table), so the samples before it cost no read; a sample the table does not hold (a
+    damaged tail) is reached by reading from the start instead.
+    """
+    begin = seg.start if first is None else first
+    n = offset = 0
+    if first:
+        members = list(cached_member_table(Path(seg.path)).values())
+        if first < len(members):
+            n, offset = first, members[first].lo
     error = ""
     try:
         with open(seg.path, "rb") as stream:
+            stream.seek(offset)
             files = tar_file_expander([{"url": seg.path, "stream": stream}])
             for sample in group_by_keys(files):
                 if n >= seg.stop:
                     break
-                if n >= seg.start:
+                if n >= begin:
                     yield sample
                 n += 1
     except (tarfile.TarError, OSError, ValueError, EOFError) as exn:  # truncated or garbled tar, vanished file
         error = f"{type(exn).__name__}: {exn}"
-    for k in range(max(n, seg.start), seg.stop):
+    for k in range(max(n, begin), seg.stop):
         yield {"__key__": f"#{k}", "__url__": seg.path, "__bad__": error or "shard ended early"}
+
+
+def _intact_members(seg: _Segment) -> list[tuple[str, Any]] | None:
+    """The shard's ``(key, place in the tar)`` of each sample, in tar order (:func:`cached_member_table`), or None
+    when the tar does not hold all ``seg.num_samples`` of them (truncated or garbled)."""
+    members = list(cached_member_table(Path(seg.path)).items())
+    return members if len(members) == seg.num_samples else None
+
+
+def _read_direct(path: str, members: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """The samples of ``members`` (neighbours in one tar), with one read of the bytes from the first to the last."""
+    lo, hi = members[0][1].lo, members[-1][1].hi
+    try:
+        with open(path, "rb") as f:
+            f.seek(lo)
+            buf = f.read(hi - lo)
+    except OSError as exn:
+        return [{"__key__": key, "__url__": path, "__bad__": f"{type(exn).__name__}: {exn}"} for key, _ in members]
+    return [{"__key__": key, "__url__": path} | {ext: buf[off - lo: off - lo + n] for ext, (off, n) in m.data.items()}
+            for key, m in members]
 
 
 def _decode(sample: dict[str, Any], image_size: int) -> tuple[np.ndarray, int]:
@@ -141,13 +187,18 @@ def _decode(sample: dict[str, Any], image_size: int) -> tuple[np.ndarray, int]:
 
 class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """One rank's epoch as an iterable of ``(images_u8 (B,3,S,S), labels (B,), num_bad, note)`` from each worker
-    (``note`` describes the batch's first corrupt sample, or is empty)."""
+    (``note`` describes the batch's first corrupt sample, or is empty), from step ``start_batch`` on.
+
+    Reader ``r`` (a contiguous range of samples) loads the rank's steps ``t`` with ``t % num_readers == r``.
+    DataLoader worker ``i`` plays reader ``(i + start_batch) % num_readers``: the DataLoader returns worker 0's
+    output first, and that is step ``start_batch``."""
 
     def __init__(self, *, segments: list[list[_Segment]], batches: list[int], batch_size: int, image_size: int,
-                 shuffle_buffer: int, seed: int, epoch: int, rank: int) -> None:
+                 shuffle_buffer: int, seed: int, epoch: int, rank: int, start_batch: int = 0) -> None:
         super().__init__()
         self.segments = segments
         self.batches = batches
+        self.start_batch = start_batch
         self.batch_size = batch_size
         self.image_size = image_size
         self.shuffle_buffer = shuffle_buffer
@@ -160,22 +211,106 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         worker = info.id if info is not None else 0
         num_readers = info.num_workers if info is not None else 1
         assert num_readers == len(self.segments), "the reader plan was made for another number of workers"
-        return self._batches(worker)
+        reader = (worker + self.start_batch) % num_readers
+        skip = self.start_batch // num_readers + (1 if reader < self.start_batch % num_readers else 0)
+        return self._batches(reader, skip)
 
-    def _raw(self, worker: int) -> Iterator[dict[str, Any]]:
+    def _raw(self, worker: int, first: int = 0) -> Iterator[dict[str, Any]]:
+        """The reader's samples from its position ``first`` on (its segments as one sequence)."""
+        pos = 0
         for seg in self.segments[worker]:
-            yield from _read_segment(seg)
+            n = seg.stop - seg.start
+            if first < pos + n:
+                yield from _read_segment(seg, seg.start + first - pos) if first > pos else _read_segment(seg)
+            pos += n
 
-    def _batches(self, worker: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
-        want = self.batches[worker] * self.batch_size
+    def _read_positions(self, worker: int, positions: np.ndarray) -> dict[int, dict[str, Any]]:
+        """The reader's samples at ``positions`` (sorted), one seek per run of samples at most ``_RUN_GAP`` apart.
+
+        An intact shard is read by byte offset (its member table); a damaged one through the tar stream from the
+        run's first sample, which delivers or loses the samples near the damage exactly as the uninterrupted
+        stream does.
+        """
+        segs = self.segments[worker]
+        seg_first = np.cumsum([0] + [s.stop - s.start for s in segs])  # reader position of each segment's start
+        seg_of = np.searchsorted(seg_first, positions, side="right") - 1
+        breaks = np.nonzero((np.diff(positions) > _RUN_GAP) | (np.diff(seg_of) != 0))[0] + 1
+        wanted = set(positions.tolist())
+        out: dict[int, dict[str, Any]] = {}
+        for run in np.split(np.arange(len(positions)), breaks):
+            if not len(run):
+                continue
+            a, b, k = int(positions[run[0]]), int(positions[run[-1]]), int(seg_of[run[0]])
+            seg = segs[k]
+            base = int(seg_first[k]) - seg.start  # shard position = reader position - base
+            members = _intact_members(seg)
+            if members is not None:
+                samples: Any = _read_direct(seg.path, members[a - base: b + 1 - base])
+            else:
+                samples = _read_segment(_Segment(seg.path, a - base, b + 1 - base, seg.num_samples), a - base)
+            for p, sample in zip(range(a, b + 1), samples, strict=True):
+                if p in wanted:
+                    out[p] = sample
+        return out
+
+    def _resumed(self, worker: int, shuffle_rng: random.Random, bufsize: int,
+                 num_skipped: int) -> tuple[Iterator[dict[str, Any]], np.ndarray]:
+        """The reader's shuffled samples after its first ``num_skipped``, and the positions of those skipped.
+
+        The shuffle buffer's output depends only on how many samples enter it, so the same ``wds.shuffle`` run over
+        positions gives the uninterrupted order. After ``num_skipped`` outputs the buffer holds the positions pulled
+        but not returned: they are read by offset, and the tar is read on from the first position not pulled.
+        """
+        total = self.batches[worker] * self.batch_size
+        pending: dict[int, dict[str, Any]] = {}
+        source: Iterator[dict[str, Any]] | None = None  # the tar, once the skipped outputs are passed
+        pulled = 0
+
+        def positions() -> Iterator[int]:
+            nonlocal pulled
+            for p in range(total):
+                if source is not None:
+                    pending[p] = next(source)
+                pulled = p + 1
+                yield p
+        order = wds.shuffle(bufsize=bufsize, initial=bufsize, rng=shuffle_rng)(positions())
+        skipped = np.fromiter(itertools.islice(order, num_skipped), np.int64, num_skipped)
+        returned = np.zeros(pulled, bool)
+        returned[skipped] = True
+        pending.update(self._read_positions(worker, np.nonzero(~returned)[0]))
+        source = self._raw(worker, pulled)
+
+        def samples() -> Iterator[dict[str, Any]]:
+            for p in order:
+                yield pending.pop(p)
+        return samples(), skipped
+
+    def _last_good(self, worker: int, skipped: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """The last good sample among the skipped ones (what an uninterrupted reader would copy last), or None."""
+        for p in skipped[::-1].tolist():
+            try:
+                return _decode(self._read_positions(worker, np.array([p]))[p], self.image_size)
+            except Exception:  # noqa: S112 (corrupt: try the one before)
+                continue
+        return None
+
+    def _batches(self, worker: int, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
+        """Reader ``worker``'s batches from its ``skip``-th on."""
+        total = self.batches[worker] * self.batch_size
+        want = total - skip * self.batch_size
         if want == 0:
             return
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         shuffle_rng = random.Random(int(rng.integers(2**63)))
         # initial = bufsize: the first batches are as mixed as the later ones (a stream of identity-grouped
         # samples would otherwise start with a handful of identities).
-        bufsize = min(self.shuffle_buffer, want)
-        mixed = wds.shuffle(bufsize=bufsize, initial=bufsize, rng=shuffle_rng)(iter(self._raw(worker)))
+        bufsize = min(self.shuffle_buffer, total)
+        skipped = np.empty(0, np.int64)
+        if skip:
+            rng.random(skip * self.batch_size)  # the skipped samples' flips: one draw each, as put() below takes
+            mixed, skipped = self._resumed(worker, shuffle_rng, bufsize, skip * self.batch_size)
+        else:
+            mixed = wds.shuffle(bufsize=bufsize, initial=bufsize, rng=shuffle_rng)(iter(self._raw(worker)))
         size = self.image_size
         images = np.empty((self.batch_size, size, size, 3), np.uint8)
         labels = np.empty(self.batch_size, np.int64)
@@ -212,6 +347,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
                     yield batch
             owed = 0
         if owed:
+            if last is None and len(skipped):
+                last = self._last_good(worker, skipped)
             if last is None:
                 raise DataError(f"all {want} samples read by worker {worker} of rank {self.rank} are unreadable "
                                 f"(first shard {self.segments[worker][0].path}); the dataset is corrupt: "
@@ -233,12 +370,13 @@ class TrainLoader:
 
     For the ``instance`` and ``block`` samplers ``images_u8`` is uint8 ``(B, 3, S, S)`` (RGB, randomly flipped) and
     ``labels`` int64 ``(B,)``; the other samplers' layouts are in docs/data.md (``labels`` always holds the id of
-    every image). Every rank yields exactly ``len(loader) == steps_per_epoch`` batches. Iterating the same loader
-    again replays the same epoch.
+    every image). Every rank yields exactly ``len(loader) == steps_per_epoch - start_batch`` batches: the epoch's
+    steps from ``start_batch`` on. Iterating the same loader again replays the same steps.
 
     Attributes:
         index: the dataset index.
-        steps_per_epoch: batches per epoch on every rank.
+        steps_per_epoch: batches per epoch on every rank (the whole epoch, whatever ``start_batch``).
+        start_batch: the epoch's first step this loader yields.
         batch_size: images per batch on this rank (``attention``: items of 1 + k images).
         num_skipped: corrupt samples replaced so far (summed over iterations of this loader).
 
@@ -250,10 +388,12 @@ class TrainLoader:
     """
 
     def __init__(self, dataset: torch.utils.data.IterableDataset, *, index: DatasetIndex,  # type: ignore[type-arg]
-                 steps_per_epoch: int, batch_size: int, num_workers: int, pin_memory: bool) -> None:
+                 steps_per_epoch: int, batch_size: int, num_workers: int, pin_memory: bool,
+                 start_batch: int = 0) -> None:
         self._dataset = dataset
         self.index = index
         self.steps_per_epoch = steps_per_epoch
+        self.start_batch = start_batch
         self.batch_size = batch_size
         self.num_skipped = 0
         self._num_workers = num_workers
@@ -265,7 +405,7 @@ class TrainLoader:
         return self.index.num_classes
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return self.steps_per_epoch - self.start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
@@ -282,7 +422,7 @@ class TrainLoader:
                                  "corrupt samples of %s are counted in data/skipped without a warning", note, root)
             count += 1
             yield images_u8, labels
-        assert count == self.steps_per_epoch, f"loader yielded {count} of {self.steps_per_epoch} batches"
+        assert count == len(self), f"loader yielded {count} of {len(self)} batches"
 
 
 def sampler_spec(cfg: DataCfg, *, batch_size: int, block_rows: int = 0, block_window: int = 0) -> SamplerSpec:
@@ -329,7 +469,7 @@ def sampler_spec(cfg: DataCfg, *, batch_size: int, block_rows: int = 0, block_wi
 
 def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False, block_rows: int = 0,
-                       block_window: int = 0) -> TrainLoader:
+                       block_window: int = 0, start_batch: int = 0) -> TrainLoader:
     """Builds one rank's loader for one epoch of the dataset at ``cfg.path``, in the order of ``cfg.sampler``.
 
     Args:
@@ -346,14 +486,16 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
             the bank's ``chunk_rows``).
         block_window: window width in blocks for ``sampler = "block"`` when ``cfg.block_window`` is 0 (the trainer
             passes ``bank.cache_blocks``).
+        start_batch: the epoch's first step to yield (a resumed run's place in the epoch). The loader yields
+            exactly the steps ``start_batch ..`` of the whole epoch's loader, and decodes none of the steps before.
 
     Returns:
         The loader; every rank gets the same ``len(loader)`` (``instance``: ``num_samples // (batch_size *
-        world_size)``).
+        world_size) - start_batch``) and the same ``loader.steps_per_epoch`` (the whole epoch's).
 
     Raises:
-        ConfigError: ``batch_size``, ``image_size``, ``rank`` or ``world_size`` out of range, or sampler parameters
-            that do not fit the batch or the dataset.
+        ConfigError: ``batch_size``, ``image_size``, ``rank``, ``world_size`` or ``start_batch`` out of range, or
+            sampler parameters that do not fit the batch or the dataset.
         DataNotFoundError: the dataset directory, its ``index.json`` or a shard is missing.
         DataError: the index is malformed or empty.
     """
@@ -369,13 +511,23 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
     if cfg.sampler != "instance":
         spec = sampler_spec(cfg, batch_size=batch_size, block_rows=block_rows, block_window=block_window)
         plan = plan_epoch(index, spec, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
-        planned = PlannedDataset(index, spec, plan, image_size=image_size, seed=seed, epoch=epoch)
+        _check_start(start_batch, plan.steps)
+        planned = PlannedDataset(index, spec, plan, image_size=image_size, seed=seed, epoch=epoch,
+                                 start_step=start_batch)
         planned.prepare()
         return TrainLoader(planned, index=index, steps_per_epoch=plan.steps, batch_size=batch_size,
-                           num_workers=cfg.num_workers, pin_memory=pin_memory)
+                           num_workers=cfg.num_workers, pin_memory=pin_memory, start_batch=start_batch)
     steps, segments, batches = _plan_readers(index, batch_size=batch_size, seed=seed, epoch=epoch,
                                             world_size=world_size, num_workers=cfg.num_workers)
+    _check_start(start_batch, steps)
     dataset = _EpochDataset(segments=segments[rank], batches=batches[rank], batch_size=batch_size,
-                            image_size=image_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank)
+                            image_size=image_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
+                            start_batch=start_batch)
     return TrainLoader(dataset, index=index, steps_per_epoch=steps, batch_size=batch_size,
-                       num_workers=cfg.num_workers, pin_memory=pin_memory)
+                       num_workers=cfg.num_workers, pin_memory=pin_memory, start_batch=start_batch)
+
+
+def _check_start(start_batch: int, steps: int) -> None:
+    if not 0 <= start_batch <= steps:
+        raise ConfigError(f"start_batch = {start_batch} is outside the epoch's {steps} steps; need 0 <= start_batch "
+                          f"<= {steps}")

@@ -5,9 +5,10 @@ A planned sampler decides the whole epoch from ``index.json`` alone, before any 
 form each batch (a list of sample numbers per batch) and so which ids every batch needs. The plan is a function of
 ``(seed, epoch)``, the dataset and the sampler's parameters only (not of the number of ranks or workers, apart from
 which batches are dropped at the end): global batch ``t`` goes to rank ``t % world_size`` as its step
-``t // world_size``, and a rank's step ``s`` is loaded by its DataLoader worker ``s % num_workers``. The DataLoader
-returns worker outputs in round-robin order, so each rank sees its steps in order, every rank takes the same number
-of steps, and no two (rank, worker) readers load the same batch.
+``t // world_size``, and a rank's step ``s`` is loaded by its DataLoader worker ``(s - start) % num_workers``, where
+``start`` is the first step loaded (0, or a resumed run's place in the epoch: the steps before it are not read). The
+DataLoader returns worker outputs in round-robin order, so each rank sees its steps in order, every rank takes the
+same number of steps, and no two (rank, worker) readers load the same batch.
 
 Mixing without random I/O over the whole dataset: items are put in order by a *sliding-window key*, the position of
 the item's shard (or bank block) in an epoch-random order plus a uniform offset in ``[0, window)``. Sorting by that
@@ -55,7 +56,8 @@ from PIL import Image
 from offloadfr.data.shards import DatasetIndex, sample_key
 from offloadfr.errors import ConfigError, DataError
 
-__all__ = ["SAMPLERS", "PLANNED_SAMPLERS", "SamplerSpec", "EpochPlan", "plan_epoch", "PlannedDataset"]
+__all__ = ["SAMPLERS", "PLANNED_SAMPLERS", "SamplerSpec", "EpochPlan", "plan_epoch", "PlannedDataset",
+           "cached_member_table"]
 
 SAMPLERS = ("instance", "identity", "attention", "dual", "block")
 """Every value of ``data.sampler``."""
@@ -325,7 +327,9 @@ def _group_members(entries: list[tuple[str, int, int, int]], size: int) -> dict[
 _TABLES: dict[tuple[str, int, int], dict[str, _Member]] = {}
 
 
-def _table_of(path: Path) -> dict[str, _Member]:
+def cached_member_table(path: Path) -> dict[str, _Member]:
+    """:func:`member_table` of ``path``, built once per process (and per size and mtime of the file); its entries are
+    in tar order, so the n-th is the shard's n-th sample."""
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _TABLES:
@@ -343,13 +347,18 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
         image_size: side of the returned images.
         seed: flip seed.
         epoch: epoch number.
+        start_step: the first step to load (a resumed run's place in the epoch); the steps before it are not read.
+            The steps after it are those of the whole epoch: a batch depends only on the plan and its global batch
+            number (which seeds its flips), not on the worker that loads it.
     """
 
     def __init__(self, index: DatasetIndex, spec: SamplerSpec, plan: EpochPlan, *, image_size: int, seed: int,
-                 epoch: int) -> None:
+                 epoch: int, start_step: int = 0) -> None:
         super().__init__()
+        assert 0 <= start_step <= plan.steps, f"start step {start_step} outside the plan's {plan.steps} steps"
         self.spec = spec
         self.plan = plan
+        self.start_step = start_step
         self.image_size = image_size
         self.seed = seed
         self.epoch = epoch
@@ -360,17 +369,18 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
 
     def prepare(self) -> None:
         """Builds the member tables of the shards this plan reads, in this process (forked workers inherit them)."""
-        used = np.unique(np.searchsorted(self.starts, np.concatenate(self.plan.refs), side="right") - 1) \
-            if self.plan.refs else []
+        refs = self.plan.refs[self.start_step:]
+        used = np.unique(np.searchsorted(self.starts, np.concatenate(refs), side="right") - 1) if refs else []
         for s in used:
-            _table_of(self.paths[int(s)])
+            cached_member_table(self.paths[int(s)])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, str]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         num_workers = info.num_workers if info is not None else 1
         try:
-            for step in range(worker, self.plan.steps, num_workers):
+            # worker 0 takes the first step, as the DataLoader's round robin returns worker 0's output first
+            for step in range(self.start_step + worker, self.plan.steps, num_workers):
                 yield self._load(step)
         finally:
             for f in self._files.values():
@@ -397,7 +407,7 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
         i = 0
         while i < len(unique):  # a run: consecutive sample numbers in one shard, all in the member table
             s = int(shards[i])
-            table = _table_of(self.paths[s])
+            table = cached_member_table(self.paths[s])
             j = i
             members = []
             while j < len(unique) and int(shards[j]) == s and (j == i or unique[j] == unique[j - 1] + 1):

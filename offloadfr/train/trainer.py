@@ -117,26 +117,24 @@ def ensure_dataset(cfg: Config, *, is_main: bool = True) -> DatasetIndex:
     return read_index(path)  # raises a clear error when absent or malformed
 
 
-def _epochs(loader_for: Callable[[int], Any], total_steps: int, num_classes: int, *, start: int = 0,
+def _epochs(loader_for: Callable[[int, int], Any], total_steps: int, num_classes: int, *, start: int = 0,
             steps_per_epoch: int = 1) -> Iterator[tuple[int, Any]]:
     """``(epoch, batch)`` of steps ``start .. total_steps - 1`` across epochs, each batch's labels checked.
 
-    A resumed run starts mid-epoch: the loader's order depends only on (seed, epoch), so skipping the batches
-    already trained gives exactly the batches an uninterrupted run would see.
+    ``loader_for(epoch, start_batch)`` gives the epoch's batches from ``start_batch`` on. A resumed run starts
+    mid-epoch: the loader's order depends only on (seed, epoch), so the epoch's loader started at the resume point
+    gives exactly the batches an uninterrupted run would see, without reading or decoding the ones already trained.
     """
-    epoch, skip = divmod(start, steps_per_epoch)
+    epoch, first = divmod(start, steps_per_epoch)
     step = start
     while True:
-        for batch in loader_for(epoch):
-            if skip:
-                skip -= 1
-                continue
+        for batch in loader_for(epoch, first):
             if step == total_steps:
                 return
             _check_labels(batch[1], num_classes)
             yield epoch, batch
             step += 1
-        epoch += 1
+        epoch, first = epoch + 1, 0
 
 
 def with_lookahead(batches: Iterator[tuple[int, Any]], depth: int,
@@ -278,10 +276,11 @@ def _train(cfg: Config, env: DistEnv, resume: str | None) -> TrainResult:
         block_rows = min(num_classes, cfg.bank.chunk_rows) or auto_chunk_rows(num_classes, cfg.model.embedding_size)
         loaders: list[Any] = []  # this run's loaders, for their count of skipped corrupt samples (data/skipped)
 
-        def loader_for(epoch: int) -> Any:
+        def loader_for(epoch: int, start_batch: int = 0) -> Any:
             loader = build_train_loader(cfg.data, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
                                         seed=cfg.run.seed, epoch=epoch, rank=env.rank, world_size=env.world_size,
-                                        block_rows=block_rows, block_window=cfg.bank.cache_blocks)
+                                        block_rows=block_rows, block_window=cfg.bank.cache_blocks,
+                                        start_batch=start_batch)
             loaders.append(loader)
             return loader
 
