@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offloadfr.bench.quality import head_kinds, plan_configs, render_table
+from offloadfr.bench.quality import head_kinds, plan_configs, render_table, row_overrides
 from offloadfr.config import load_config
 from offloadfr.config.head_defaults import SAMPLER_OF_HEAD
 
@@ -69,3 +69,37 @@ def test_quality_bench_rows_table_and_resume(tmp_path: Path) -> None:
     redo = subprocess.run([sys.executable, str(REPO / "launch/bench.py"), "quality", "--table", "--out", str(out),
                            "--md", str(md), "--machine", "ci"], capture_output=True, text=True, timeout=120)
     assert redo.returncode == 0 and md.read_text() == render_table(rows, "ci")
+
+
+def _row(name: str, head: str, seed: int, accuracy: float) -> dict[str, object]:
+    return {"bench": "quality", "name": name, "seed": seed, "head": head, "margin": name.split("+")[1],
+            "sampler": "instance", "config": "c.toml", "extra_overrides": [], "overrides": [f"head.kind={head}"],
+            "steps": 10, "batch_size": 8, "images_seen": 80, "images_decoded": 160, "wall_s": 10.0 + seed,
+            "status": "ok", "accuracy": accuracy, "accuracy_std": 0.01, "tar_at_far_1e-2": 0.1}
+
+
+def test_table_over_seeds_gives_each_seed_the_mean_and_the_gap_to_fc() -> None:
+    """Catches seeds of one configuration overwriting each other in the table (the newest row per name only), a
+    mean over the wrong rows, or a gap to fc of the wrong sign or scale."""
+    rows = [_row("fc+arcface", "fc", 0, 0.70), _row("vfc+arcface", "vfc", 0, 0.60),
+            _row("fc+arcface", "fc", 1, 0.80), _row("vfc+arcface", "vfc", 1, 0.64),
+            _row("vfc+arcface", "vfc", 1, 0.66)]  # a rerun of seed 1: the newest counts
+    table = render_table(rows, "ci")
+    summary = next(line for line in table.splitlines() if line.startswith("| vfc+arcface | instance |"))
+    cells = [c.strip() for c in summary.strip("|").split("|")]
+    assert cells[2:] == ["0.600 ± 0.010", "0.660 ± 0.010", "0.630", "-12.0", "0.600", "0.100", "2", "10"]
+    assert "| fc+arcface | instance | 0.700 ± 0.010 | 0.800 ± 0.010 | 0.750 | +0.0 |" in table
+    assert sum(line.startswith("| vfc+arcface | 1 |") for line in table.splitlines()) == 1  # every run, newest
+    assert "Over seeds" not in render_table(rows[:2], "ci")  # one seed: no summary
+
+
+def test_a_commands_set_wins_over_the_bench_defaults_but_not_over_the_rows_kinds() -> None:
+    """Catches ``--set cache.num_slots=192`` silently replaced by partial_fc's bench default of 1024 slots (K >= N:
+    nothing offloads), or a ``--set head.kind`` turning every row into one head."""
+    from offloadfr.config import load_config
+
+    spec = next(s for s in plan_configs(["partial_fc"], [], "arcface") if s["head"] == "partial_fc")
+    sets = row_overrides(spec, ["cache.num_slots=192", "head.kind=fc"], seed=2, steps=5, runs_dir="/tmp/q",
+                         run_name="r")
+    cfg = load_config(REPO / "ds_configs/runs/synth_tiny.toml", sets)
+    assert (cfg.cache.num_slots, cfg.head.kind, cfg.run.seed, cfg.train.max_steps) == (192, "partial_fc", 2, 5)

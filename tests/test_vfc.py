@@ -208,3 +208,15 @@ def test_vfc_trains_through_the_trainer(tmp_path: Path) -> None:
     assert b["head"]["weight"].shape == (12, 128)
     assert any(not torch.equal(v, b["engine"]["model"][k]) for k, v in a["engine"]["model"].items())
     assert result.eval is not None and 0.0 <= result.eval["accuracy"] <= 1.0
+
+
+def test_default_anchor_count_is_the_codes_but_fewer_than_the_identities() -> None:
+    """Catches the default M staying at 1000 for a training set of fewer identities (every identity then owns an
+    anchor that its own batch features overwrite: 11.7 points below fc on the real faces), or an explicit M ignored."""
+    from offloadfr.heads.vfc import resolve_num_anchors
+
+    assert resolve_num_anchors(0, 2000) == 1000 and resolve_num_anchors(0, 10_000_000) == 1000
+    assert resolve_num_anchors(0, 249) == 124 and resolve_num_anchors(0, 3) == 2
+    assert resolve_num_anchors(64, 249) == 64 and resolve_num_anchors(5000, 249) == 5000
+    head = _head(0)  # N = 1000 identities
+    assert head.num_anchors == 500 and head.weight.shape[0] == 500

@@ -12,6 +12,8 @@ memory is reported as a row with ``"status": "oom"``, not as a crash.
 
 ``data``: decoded, augmented images/s of our training loader against a plain ``webdataset.WebDataset`` pipeline
 doing the same decoding and flips with the same workers, alternating rounds in one run (offloadfr/bench/data.py).
+With ``--resume-at 0.9``: seconds to the first batch of a run resumed at 90 % of an epoch, the loader started at that
+step against iterating the epoch from its start and discarding the batches before it.
 
     python launch/bench.py kernel --num-slots 65536 262144 1048576 --batch-size 256 --dim 512
 
@@ -55,6 +57,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     cfg = DataCfg(path=args.data_path, generate_if_missing=False, num_workers=args.num_workers,
                   sampler=args.sampler, block_rows=128, block_window=8)
+    if args.resume_at is not None:
+        from offloadfr.bench.data import measure_resume
+
+        row = measure_resume(cfg, image_size=args.image_size, batch_size=args.batch_size, at=args.resume_at,
+                             rounds=args.rounds)
+        emit_row({**row, "env": environment()}, args.out)
+        return 0
     row = measure_data_pipelines(cfg, image_size=args.image_size, batch_size=args.batch_size,
                                  num_batches=args.num_batches, rounds=args.rounds)
     emit_row({**row, "env": environment()}, args.out)
@@ -149,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-batches", type=int, default=150, help="batches timed per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sampler", default="instance", help="data.sampler of our pipeline")
+    p.add_argument("--resume-at", type=float, default=None, metavar="FRACTION",
+                   help="instead: seconds to the first batch of a run resumed at this fraction of an epoch, the "
+                        "loader started there against iterating and discarding the batches before it")
     p.add_argument("--out", help="append the JSON row to this file")
     p.set_defaults(func=_cmd_data)
     p = sub.add_parser("kernel", help="head step: plain vs fused (normalise, margin CE, row SGD), fp32/TF32/bf16 GEMMs")

@@ -29,7 +29,7 @@ from offloadfr.config import DataCfg
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import read_index
 
-__all__ = ["measure_data_pipelines"]
+__all__ = ["measure_data_pipelines", "measure_resume"]
 
 
 class _ResizeFlipCHW:
@@ -113,6 +113,57 @@ def measure_data_pipelines(cfg: DataCfg, *, image_size: int, batch_size: int, nu
         "num_batches": num_batches, "rounds": rounds,
         "ours_img_per_s": ours_rate, "plain_img_per_s": plain_rate, "ratio": ours_rate / plain_rate,
         "ours_rounds": rates["ours"], "plain_rounds": rates["plain"],
+    }
+
+
+def measure_resume(cfg: DataCfg, *, image_size: int, batch_size: int, at: float = 0.9,
+                   rounds: int = 3) -> dict[str, Any]:
+    """Seconds from building a resumed run's loader to its first batch, at fraction ``at`` of an epoch: the loader
+    started at that step (``start_batch``, what the trainer does) against iterating the epoch's loader from its start
+    and discarding the batches before it (what it did before), and against a loader at step 0 (the floor).
+
+    Rounds alternate the three after a warm-up of each, so all see the same page cache. Returns a row with the median
+    seconds of each, their rounds, and ``speedup`` = discard / started.
+    """
+    def loader(start: int) -> Any:
+        return build_train_loader(cfg, image_size=image_size, batch_size=batch_size, seed=0, epoch=0,
+                                  block_rows=max(1, cfg.block_rows), block_window=max(1, cfg.block_window),
+                                  start_batch=start)
+
+    steps = loader(0).steps_per_epoch
+    start = min(steps - 1, int(at * steps))
+
+    def started() -> float:
+        t0 = time.perf_counter()
+        next(iter(loader(start)))
+        return time.perf_counter() - t0
+
+    def discard() -> float:
+        t0 = time.perf_counter()
+        for i, _ in enumerate(loader(0)):
+            if i == start:
+                break
+        return time.perf_counter() - t0
+
+    def at_zero() -> float:
+        t0 = time.perf_counter()
+        next(iter(loader(0)))
+        return time.perf_counter() - t0
+
+    ways = {"started": started, "discard": discard, "epoch_start": at_zero}
+    for way in ways.values():  # warm-up
+        way()
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            seconds[name].append(way())
+    med = {name: statistics.median(v) for name, v in seconds.items()}
+    return {
+        "bench": "data_resume", "dataset": str(cfg.path), "sampler": cfg.sampler, "image_size": image_size,
+        "batch_size": batch_size, "num_workers": cfg.num_workers, "steps_per_epoch": steps, "resume_step": start,
+        "first_batch_s_started": med["started"], "first_batch_s_discard": med["discard"],
+        "first_batch_s_epoch_start": med["epoch_start"], "speedup": med["discard"] / med["started"],
+        "rounds": seconds,
     }
 
 

@@ -53,7 +53,7 @@ from offloadfr.config import Config, HeadCfg, LossCfg, load_config
 from offloadfr.errors import OffloadFRError
 
 __all__ = ["BENCH_OVERRIDES", "DEFAULT_MARGINS", "head_kinds", "margin_kinds", "plan_configs", "read_rows",
-           "render_table", "main"]
+           "render_table", "row_overrides", "main"]
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout: launch/train.py and ds_configs/ are relative to it
 
@@ -136,7 +136,8 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
     """What makes two rows the same measurement, for ``--resume``."""
-    return (row["name"], row["config"], row["steps"], row["batch_size"], tuple(row["extra_overrides"]))
+    return (row["name"], row.get("seed"), row["config"], row["steps"], row["batch_size"],
+            tuple(row["extra_overrides"]))
 
 
 def _step_ms_mean(metrics: list[dict[str, Any]], labels_per_step: int) -> float | None:
@@ -157,17 +158,32 @@ def _step_ms_mean(metrics: list[dict[str, Any]], labels_per_step: int) -> float 
     return 1e3 * total_s / total_steps
 
 
+def row_overrides(spec: dict[str, Any], extra: list[str], *, seed: int | None, steps: int, runs_dir: str,
+                  run_name: str) -> list[str]:
+    """The ``--set`` list of one row, later entries winning: the bench's defaults (:data:`BENCH_OVERRIDES`), the
+    command's ``--set`` (``extra``), the seed, the row's ``head.kind`` and ``loss.kind``, then the budget and the run
+    directory."""
+    kinds = [o for o in spec["overrides"] if o.startswith(("head.kind=", "loss.kind="))]
+    defaults = [o for o in spec["overrides"] if o not in kinds]
+    seed_sets = [] if seed is None else [f"run.seed={seed}"]
+    return [*defaults, *extra, *seed_sets, *kinds, f"train.max_steps={steps}", f"train.epochs={steps}",
+            f"run.output_dir={runs_dir}", f"run.name={run_name}", "eval.at_end=true"]
+
+
 def run_one(spec: dict[str, Any], *, config: str, extra: list[str], steps: int, runs_dir: str,
-            num_samples: int) -> dict[str, Any]:
-    """Trains one configuration through ``launch/train.py`` in a subprocess; returns its row (status ok or error)."""
-    run_dir = Path(runs_dir) / spec["name"]
-    sets = [*extra, *spec["overrides"], f"train.max_steps={steps}", f"train.epochs={steps}",
-            f"run.output_dir={runs_dir}", f"run.name={spec['name']}", "eval.at_end=true"]
+            num_samples: int, seed: int | None = None) -> dict[str, Any]:
+    """Trains one configuration through ``launch/train.py`` in a subprocess; returns its row (status ok or error).
+
+    ``seed``: ``run.seed`` of the run (its run directory is then ``<name>_seed<seed>``); None: the config's."""
+    run_name = spec["name"] if seed is None else f"{spec['name']}_seed{seed}"
+    run_dir = Path(runs_dir) / run_name
+    sets = row_overrides(spec, extra, seed=seed, steps=steps, runs_dir=runs_dir, run_name=run_name)
     try:
         cfg = load_config(config, sets)  # a bad combination is refused here, with the trainer's own message
     except OffloadFRError as exc:
-        return {"bench": "quality", "name": spec["name"], "head": spec["head"], "margin": spec["margin"],
-                "sampler": "", "config": config, "extra_overrides": list(extra), "overrides": list(spec["overrides"]),
+        return {"bench": "quality", "name": spec["name"], "seed": seed, "head": spec["head"],
+                "margin": spec["margin"], "sampler": "", "config": config, "extra_overrides": list(extra),
+                "overrides": list(spec["overrides"]),
                 "steps": steps, "batch_size": None, "images_seen": None, "images_decoded": None, "status": "error",
                 "error": str(exc)}
     labels_per_step, decoded_per_step = _images_per_step(cfg)
@@ -185,8 +201,8 @@ def run_one(spec: dict[str, Any], *, config: str, extra: list[str], steps: int, 
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     row: dict[str, Any] = {
-        "bench": "quality", "name": spec["name"], "head": spec["head"], "margin": spec["margin"],
-        "sampler": cfg.data.sampler, "config": config, "extra_overrides": list(extra),
+        "bench": "quality", "name": spec["name"], "seed": cfg.run.seed, "head": spec["head"],
+        "margin": spec["margin"], "sampler": cfg.data.sampler, "config": config, "extra_overrides": list(extra),
         "overrides": list(spec["overrides"]), "steps": steps, "batch_size": cfg.train.batch_size,
         "images_seen": steps * cfg.train.batch_size, "images_decoded": steps * decoded_per_step,
         "epochs_seen": steps * cfg.train.batch_size / num_samples, "wall_s": wall,
@@ -218,19 +234,51 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
+def _seed_summary(newest: dict[tuple[str, Any], dict[str, Any]]) -> list[str]:
+    """One line per configuration over its seeds: each seed's accuracy, the mean, and the mean minus the reference's
+    (``fc`` with the margin of the first ``fc`` row), in points."""
+    by_name: dict[str, dict[Any, dict[str, Any]]] = {}
+    for (name, seed), r in newest.items():
+        if r.get("status") == "ok":
+            by_name.setdefault(name, {})[seed] = r
+    seeds = sorted({seed for runs in by_name.values() for seed in runs}, key=lambda x: (x is None, x))
+    if len(seeds) < 2:
+        return []
+    means = {name: sum(r["accuracy"] for r in runs.values()) / len(runs) for name, runs in by_name.items()}
+    ref = next((r["name"] for r in newest.values() if r["head"] == "fc" and r["name"] in means), None)
+    cols = ["config", "sampler", *[f"seed {seed}" for seed in seeds], "mean", f"vs {ref} (points)" if ref else "vs",
+            "lowest seed", "TAR@FAR=1e-2 (mean)", "images decoded / seen", "wall s (mean)"]
+    cells_of_rows = []
+    for name, runs in by_name.items():
+        first = next(iter(runs.values()))
+        accs = [r["accuracy"] for r in runs.values()]
+        tars = [r["tar_at_far_1e-2"] for r in runs.values() if r.get("tar_at_far_1e-2") is not None]
+        cells = [name, first["sampler"],
+                 *[f"{runs[seed]['accuracy']:.3f} ± {runs[seed]['accuracy_std']:.3f}" if seed in runs else ""
+                   for seed in seeds],
+                 f"{means[name]:.3f}", f"{100 * (means[name] - means[ref]):+.1f}" if ref else "", f"{min(accs):.3f}",
+                 f"{sum(tars) / len(tars):.3f}" if tars else "",
+                 _fmt(first["images_decoded"] / first["images_seen"] if first["images_seen"] else None, ".0f"),
+                 _fmt(sum(r["wall_s"] for r in runs.values()) / len(runs), ".0f")]
+        cells_of_rows.append(dict(zip(cols, cells, strict=True)))
+    return ["Over seeds (`run.seed`: model init and data order; the dataset and the held-out pairs are the same):", "",
+            *markdown_table(cols, cells_of_rows), "", "Every run:", ""]
+
+
 def render_table(rows: list[dict[str, Any]], machine: str) -> str:
-    """The markdown page of a quality JSONL: the machine, the versions, the commands, one line per configuration
-    (the newest row of each), and each configuration's overrides."""
-    newest: dict[str, dict[str, Any]] = {}
+    """The markdown page of a quality JSONL: the machine, the versions, the commands, the configurations over their
+    seeds (when rows have several), one line per run (the newest row of each configuration and seed), and each
+    configuration's overrides."""
+    newest: dict[tuple[str, Any], dict[str, Any]] = {}
     for r in rows:
-        newest[r["name"]] = r
+        newest[(r["name"], r.get("seed"))] = r
     lines = [f"# Quality benchmark: heads and margins on the same data ({machine})", "",
              "Written by `python launch/bench.py quality --table` from the JSONL next to this file; every row is one "
              "training run through `launch/train.py` (offloadfr/bench/quality.py says what each column is). "
              "Images seen = images through the trained backbone with a gradient (`train.batch_size` per step); "
              "`images decoded` adds the images only a no-gradient encoder reads (attfc's keys, dual's identity part). "
-             "Accuracy is 10-fold verification on the held-out pairs with the flip test, ± the std over folds; one "
-             "seed per row. Step and wall times compare rows only when the machine ran nothing else meanwhile.", ""]
+             "Accuracy is 10-fold verification on the held-out pairs with the flip test, ± the std over folds. "
+             "Step and wall times compare rows only when the machine ran nothing else meanwhile.", ""]
     envs = {json.dumps(r.get("env", {}), sort_keys=True) for r in newest.values()}
     lines.append("Machine and versions:")
     lines.append("")
@@ -239,20 +287,22 @@ def render_table(rows: list[dict[str, Any]], machine: str) -> str:
     lines += ["", "Commands:", "", "```bash"]
     lines += sorted({r.get("command", "") for r in newest.values()})
     lines += ["```", ""]
-    cols = ["config", "head", "margin", "sampler", "accuracy ± std", "TAR@FAR=1e-2", "step ms (mean)",
+    lines += _seed_summary(newest)
+    cols = ["config", "seed", "head", "margin", "sampler", "accuracy ± std", "TAR@FAR=1e-2", "step ms (mean)",
             "peak host RSS GiB", "peak device GiB", "images seen", "images decoded", "steps", "wall s", "status"]
     cells_of_rows = []
     for r in newest.values():
         acc = f"{r['accuracy']:.3f} ± {r['accuracy_std']:.3f}" if r.get("status") == "ok" else ""
-        cells = [r["name"], r["head"], r["margin"], r["sampler"], acc, _fmt(r.get("tar_at_far_1e-2")),
-                 _fmt(r.get("step_ms_mean"), ".0f"), _fmt(r.get("peak_host_rss_GiB"), ".2f"),
-                 _fmt(r.get("peak_device_reserved_GiB"), ".2f"), _fmt(r["images_seen"], "d"),
-                 _fmt(r["images_decoded"], "d"), _fmt(r["steps"], "d"), _fmt(r.get("wall_s"), ".0f"),
-                 r["status"] + (f": {r['error']}" if "error" in r else "")]
+        cells = [r["name"], _fmt(r.get("seed"), "d"), r["head"], r["margin"], r["sampler"], acc,
+                 _fmt(r.get("tar_at_far_1e-2")), _fmt(r.get("step_ms_mean"), ".0f"),
+                 _fmt(r.get("peak_host_rss_GiB"), ".2f"), _fmt(r.get("peak_device_reserved_GiB"), ".2f"),
+                 _fmt(r["images_seen"], "d"), _fmt(r["images_decoded"], "d"), _fmt(r["steps"], "d"),
+                 _fmt(r.get("wall_s"), ".0f"), r["status"] + (f": {r['error']}" if "error" in r else "")]
         cells_of_rows.append(dict(zip(cols, cells, strict=True)))
     lines += markdown_table(cols, cells_of_rows)  # every cell is already text
     lines += ["", "Overrides of each configuration (`--set`, on top of the config and of the commands' `--set`):", ""]
-    for r in newest.values():
+    overrides = {r["name"]: r for r in newest.values()}
+    for r in overrides.values():
         loss = ", ".join(f"{k} {v}" for k, v in r.get("loss_cfg", {}).items())
         lines.append(f"- `{r['name']}`: " + " ".join(f"`{o}`" for o in r["overrides"]) + (f" (loss: {loss})"
                                                                                           if loss else ""))
@@ -273,7 +323,11 @@ def main(argv: list[str]) -> int:
                       help="images seen per row = this many times the training set (default 2)")
     size.add_argument("--images", type=int, default=None, help="images seen per row (rounded down to whole steps)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="an override for every row (e.g. a smaller dataset)")
+                   help="an override for every row (e.g. a smaller dataset); it wins over the bench's own "
+                        "BENCH_OVERRIDES, not over a row's head.kind and loss.kind")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                   help="train every configuration once per run.seed (the table adds their mean; default: the "
+                        "config's seed, once)")
     p.add_argument("--machine", default=None, help="machine name in the file names (default: cpu-<N>core or GPU)")
     p.add_argument("--out", default=None, help="JSONL to append to (default docs/benchmarks/quality_<machine>.jsonl)")
     p.add_argument("--md", default=None, help="table to (re)write (default: --out with .md)")
@@ -305,14 +359,17 @@ def main(argv: list[str]) -> int:
     env = environment()
     done = {_row_key(r) for r in read_rows(out) if r.get("status") == "ok"} if args.resume else set()
     failed = 0
-    for spec in plan_configs(args.heads, args.margins, base.loss.kind, bench_overrides=not args.head_kind_only):
-        key = (spec["name"], args.config, steps, base.train.batch_size, tuple(args.set))
+    specs = plan_configs(args.heads, args.margins, base.loss.kind, bench_overrides=not args.head_kind_only)
+    for seed, spec in [(seed, spec) for seed in (args.seeds or [None]) for spec in specs]:
+        label = spec["name"] if seed is None else f"{spec['name']} seed {seed}"
+        key = (spec["name"], base.run.seed if seed is None else seed, args.config, steps, base.train.batch_size,
+               tuple(args.set))
         if key in done:
-            print(f"bench.py quality: {spec['name']}: already in {out}, skipped (--resume)", file=sys.stderr)
+            print(f"bench.py quality: {label}: already in {out}, skipped (--resume)", file=sys.stderr)
             continue
-        print(f"bench.py quality: {spec['name']}: training {steps} steps ...", file=sys.stderr, flush=True)
+        print(f"bench.py quality: {label}: training {steps} steps ...", file=sys.stderr, flush=True)
         row = run_one(spec, config=args.config, extra=args.set, steps=steps, runs_dir=args.runs_dir,
-                      num_samples=num_samples)
+                      num_samples=num_samples, seed=seed)
         row.update({"machine": machine, "command": command, "env": env})
         failed += row["status"] != "ok"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -156,9 +156,11 @@ class HeadCfg:
     gemm_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     """``fc`` and ``partial_fc``: arithmetic of the logit GEMMs (forward and backward): ``fp32`` exact, ``tf32`` TF32
     tensor cores on CUDA, ``bf16`` normalised operands rounded to bfloat16 (docs/kernels.md)."""
-    num_anchors: int = _field(1000, ge=2)
-    """``vfc``: M, the anchors (rows) of the virtual FC; identity ``i`` belongs to group ``i mod M``. The Virtual FC
-    code uses 1000. A batch can hold at most M distinct identities; identities beyond that are ignored."""
+    num_anchors: int = _field(0, ge=0)
+    """``vfc``: M, the anchors (rows) of the virtual FC; identity ``i`` belongs to group ``i mod M``. 0 = the Virtual
+    FC code's 1000, but at most half the identities (M ≥ N gives every identity an anchor of its own that its batch
+    overwrites: 11.7 points below ``fc`` on the real faces where N / 2 gave about 7; docs/methods.md). A batch can hold
+    at most M distinct identities; identities beyond that are ignored."""
     key_momentum: float = _field(0.999, ge=0, lt=1)
     """``attfc``: m of the key encoder's EMA, θ_k ← m·θ_k + (1 − m)·θ_q after each optimizer step (the code's 0.999)."""
     queue_fraction: float = _field(0.3, gt=0, le=1)

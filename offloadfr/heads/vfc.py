@@ -55,7 +55,17 @@ from offloadfr.heads.base import (
     sgd_rows_,
 )
 
-__all__ = ["VirtualFCHead", "assign_anchors"]
+__all__ = ["VirtualFCHead", "assign_anchors", "resolve_num_anchors", "DEFAULT_NUM_ANCHORS"]
+
+
+DEFAULT_NUM_ANCHORS = 1000
+"""M of the Virtual FC code, what ``head.num_anchors = 0`` means when the identities are at least twice as many."""
+
+
+def resolve_num_anchors(num_anchors: int, num_classes: int) -> int:
+    """``head.num_anchors``, with 0 resolved to ``min(1000, max(2, N // 2))``: the code's M, but fewer anchors than
+    identities, so that anchors are shared as the method intends (M ≪ N)."""
+    return num_anchors or min(DEFAULT_NUM_ANCHORS, max(2, num_classes // 2))
 
 
 def assign_anchors(ids_U: torch.Tensor, num_anchors: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +108,7 @@ class VirtualFCHead(Head):
 
     Example::
 
-        head = VirtualFCHead(HeadCfg(kind="vfc", num_anchors=1000), deps)
+        head = VirtualFCHead(HeadCfg(kind="vfc"), deps)  # M = min(1000, N // 2)
         loss = head(emb_BD, labels_B); loss.backward(); head.update(lr=0.01)
     """
 
@@ -106,9 +116,9 @@ class VirtualFCHead(Head):
         super().__init__()
         self.cfg = cfg
         self.margin = deps.margin
-        self.num_anchors = cfg.num_anchors
-        self.partition = ClassPartition(cfg.num_anchors, deps.world_size, deps.rank)  # anchors, like fc's ids
-        w_MD = torch.empty(cfg.num_anchors, deps.dim)
+        self.num_anchors = resolve_num_anchors(cfg.num_anchors, deps.num_classes)
+        self.partition = ClassPartition(self.num_anchors, deps.world_size, deps.rank)  # anchors, like fc's ids
+        w_MD = torch.empty(self.num_anchors, deps.dim)
         nn.init.xavier_uniform_(w_MD, generator=torch.Generator().manual_seed(deps.bank.seed))
         self.weight = nn.Parameter(w_MD[self.partition.local_slice].clone().to(deps.device))  # this rank's anchors
         self.register_buffer("momentum_buf", torch.zeros_like(self.weight))

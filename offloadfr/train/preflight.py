@@ -42,6 +42,7 @@ from offloadfr.data.shards import read_index
 from offloadfr.distributed import DistEnv, all_gather_objects
 from offloadfr.errors import CheckpointError, DataError, OffloadFRError
 from offloadfr.eval.ijb import read_ijb_meta
+from offloadfr.heads.vfc import resolve_num_anchors
 from offloadfr.models import build_backbone
 from offloadfr.train.checkpoint import list_checkpoints
 from offloadfr.train.ds_config import load_ds_config, resolve_ds_config
@@ -318,7 +319,7 @@ def estimate_checkpoint_bytes(cfg: Config, num_classes: int) -> int:
     if kind in ("fc", "pfc_dense"):
         head = 2 * row * num_classes
     elif kind == "vfc":
-        head = 2 * row * min(cfg.head.num_anchors, num_classes)
+        head = 2 * row * resolve_num_anchors(cfg.head.num_anchors, num_classes)
     elif kind == "partial_fc":
         head = 8 * num_classes
     else:
