@@ -49,7 +49,9 @@ __all__ = ["PartialFCHead"]
 _ARRAYS = ("centers", "momentum")
 
 WRITE_BACK_ROUNDING = "nearest"
-"""How rows are rounded to a bfloat16 bank at write-back (``Prefetcher(rounding=...)``); no effect on float32."""
+"""How rows are rounded to a bfloat16 bank at write-back (``Prefetcher(rounding=...)``); no effect on float32.
+Nearest: stochastic rounding kept no more of the updates and added rounding noise
+(docs/benchmarks/bank_dtype_cpu-2core_202612.md)."""
 
 
 class _NegativeStream:
