@@ -385,3 +385,16 @@ def test_skipped_reach_metrics_jsonl(dataset: Path, tmp_path: Path) -> None:
     assert rows[-1]["step"] == result.steps
     assert rows[-1]["data/skipped"] >= 2
     assert Counter(r["data/skipped"] >= rows[0]["data/skipped"] for r in rows)[True] == len(rows)  # a running total
+
+
+def test_resume_bench_row(dataset: Path) -> None:
+    """Catches ``bench.py data --resume-at`` timing the wrong step or losing a way: the row names the step at 90 %
+    of the epoch and has a positive time for each of the three ways."""
+    from offloadfr.bench.data import measure_resume
+
+    cfg = _resume_cfg(dataset, "instance", 0)
+    steps = len(build_train_loader(cfg, image_size=16, batch_size=8, seed=0, epoch=0))
+    row = measure_resume(cfg, image_size=16, batch_size=8, at=0.9, rounds=1)
+    assert row["steps_per_epoch"] == steps and row["resume_step"] == int(0.9 * steps)
+    assert min(row["first_batch_s_started"], row["first_batch_s_discard"], row["first_batch_s_epoch_start"]) > 0
+    assert row["speedup"] == row["first_batch_s_discard"] / row["first_batch_s_started"]
