@@ -236,6 +236,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         seg_of = np.searchsorted(seg_first, positions, side="right") - 1
         breaks = np.nonzero((np.diff(positions) > _RUN_GAP) | (np.diff(seg_of) != 0))[0] + 1
         wanted = set(positions.tolist())
+        members_of: dict[int, list[tuple[str, Any]] | None] = {}  # per segment, listed once for all its runs
         out: dict[int, dict[str, Any]] = {}
         for run in np.split(np.arange(len(positions)), breaks):
             if not len(run):
@@ -243,7 +244,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
             a, b, k = int(positions[run[0]]), int(positions[run[-1]]), int(seg_of[run[0]])
             seg = segs[k]
             base = int(seg_first[k]) - seg.start  # shard position = reader position - base
-            members = _intact_members(seg)
+            if k not in members_of:
+                members_of[k] = _intact_members(seg)
+            members = members_of[k]
             if members is not None:
                 samples: Any = _read_direct(seg.path, members[a - base: b + 1 - base])
             else:
