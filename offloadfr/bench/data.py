@@ -133,9 +133,9 @@ def measure_resume(cfg: DataCfg, *, image_size: int, batch_size: int, at: float 
     steps = loader(0).steps_per_epoch
     start = min(steps - 1, int(at * steps))
 
-    def started() -> float:
+    def first_batch(first: int) -> float:
         t0 = time.perf_counter()
-        next(iter(loader(start)))
+        next(iter(loader(first)))
         return time.perf_counter() - t0
 
     def discard() -> float:
@@ -145,12 +145,7 @@ def measure_resume(cfg: DataCfg, *, image_size: int, batch_size: int, at: float 
                 break
         return time.perf_counter() - t0
 
-    def at_zero() -> float:
-        t0 = time.perf_counter()
-        next(iter(loader(0)))
-        return time.perf_counter() - t0
-
-    ways = {"started": started, "discard": discard, "epoch_start": at_zero}
+    ways = {"started": lambda: first_batch(start), "discard": discard, "epoch_start": lambda: first_batch(0)}
     for way in ways.values():  # warm-up
         way()
     seconds: dict[str, list[float]] = {name: [] for name in ways}
