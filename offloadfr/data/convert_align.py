@@ -38,6 +38,7 @@ __all__ = [
     "AlignedImage",
     "AligningSource",
     "align_encoded",
+    "decode_problem",
     "write_align_report",
 ]
 
@@ -113,6 +114,13 @@ class AlignedImage:
     problem: str | None
 
 
+def decode_problem(exn: Exception) -> str:
+    """Why PIL could not decode an image, in one line (``cannot be decoded (...)``) without the object address that
+    PIL puts in its "cannot identify image file <_io.BytesIO ...>" message."""
+    why = "not an image format PIL recognises" if "BytesIO" in str(exn) else str(exn)
+    return f"cannot be decoded ({type(exn).__name__}: {why})"
+
+
 def align_encoded(data: bytes, detector: FaceDetector, options: AlignOptions) -> AlignedImage:
     """Decodes, detects, aligns and re-encodes one image.
 
@@ -128,8 +136,7 @@ def align_encoded(data: bytes, detector: FaceDetector, options: AlignOptions) ->
         with Image.open(io.BytesIO(data)) as im:
             rgb = im.convert("RGB")
     except Exception as exn:  # PIL raises many types on corrupt data
-        why = "not an image format PIL recognises" if "BytesIO" in str(exn) else str(exn)  # no object address
-        return AlignedImage(data=None, num_faces=0, problem=f"cannot be decoded ({type(exn).__name__}: {why})")
+        return AlignedImage(data=None, num_faces=0, problem=decode_problem(exn))
     faces = detector.detect(rgb)
     face = pick_face(faces, rgb.size, options.face)
     if face is None:

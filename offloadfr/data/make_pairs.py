@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from offloadfr.data.convert_align import AlignOptions, align_encoded
+from offloadfr.data.convert_align import AlignOptions, align_encoded, decode_problem
 from offloadfr.data.convert_folder import list_image_folder
 from offloadfr.data.detect import FaceDetector
 from offloadfr.data.pairs import write_pairs_bin
@@ -392,8 +392,7 @@ def _prepare_one(root: Path, rel: str, align: AlignOptions | None,
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
         except Exception as exn:  # PIL raises many types on corrupt data
-            why = "not an image format PIL recognises" if "BytesIO" in str(exn) else str(exn)
-            return rel, f"cannot be decoded ({type(exn).__name__}: {why})", 0
+            return rel, decode_problem(exn), 0
         return rel, data, 0
     assert detector is not None
     result = align_encoded(data, detector, align)
