@@ -1,4 +1,4 @@
-"""Benchmarks: ``python launch/bench.py {head,data,kernel,bank,table,backbone,quality,train} ...``.
+"""Benchmarks: ``python launch/bench.py {head,data,kernel,bank,table,backbone,quality,train,host} ...``.
 
 One JSON row per measurement (stdout, and appended to ``--out``); results go to docs/benchmarks/. Every benchmark is
 a module of ``offloadfr/bench/``; ``offloadfr/bench/cli.py`` documents the commands.

@@ -445,3 +445,26 @@ def test_ram_tier_rank_holds_only_its_partition(tmp_path: Path) -> None:
     with pytest.raises(BankError, match="end on one or at 37"):  # a short last block exists only at N
         ZarrBank.open(tmp_path / "bank", tier="ram").hold_rows(R, 2 * R + 3)
     full.close()
+
+
+@pytest.mark.parametrize(("tier", "dtype"), [("ram", "float32"), ("nvme", "float32"), ("ram", "bfloat16"),
+                                             ("nvme", "bfloat16"), ("memory", "float32")])
+def test_read_rows_into_fills_the_given_buffer_with_read_rows_values(tmp_path: Path, tier: str, dtype: str) -> None:
+    """The prefetcher reads into its own buffer: the rows must be ``read_rows``'s (written and never-written ids,
+    repeats, any order), in that very tensor; a buffer of the wrong shape or dtype is refused."""
+    n, d = 300, 8
+    if tier == "memory":
+        bank: ClassBank = MemoryBank(n, d, ("centers",), init_std=0.01, seed=3)
+    else:
+        bank = ZarrBank.create(tmp_path / "b", num_classes=n, dim=d, arrays=("centers",), head_kind="partial_fc",
+                               chunk_rows=64, tier=tier, cache_blocks=2, dtype=dtype)
+    bank.write_rows(torch.arange(100, 180), torch.randn(80, d))
+    ids = torch.tensor([299, 5, 150, 150, 0, 101, 64, 250])
+    out = torch.full((ids.numel(), d), float("nan"), dtype=bank.dtype)
+    address = out.data_ptr()
+    bank.read_rows_into(ids, out)
+    assert out.data_ptr() == address and torch.equal(out, bank.read_rows(ids))
+    if tier != "memory":
+        with pytest.raises(BankError, match="read_rows_into needs"):
+            bank.read_rows_into(ids, torch.empty(ids.numel(), d + 1, dtype=bank.dtype))
+        bank.close()

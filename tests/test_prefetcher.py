@@ -17,6 +17,7 @@ import torch
 from offloadfr.bank.base import ClassBank
 from offloadfr.bank.memory import MemoryBank
 from offloadfr.cache import DynamicClassContainer, Prefetcher
+from offloadfr.cache import prefetcher as prefetcher_module
 from offloadfr.cache.testing import BankWrapper, CountingBank, FailingBank, LatencyBank
 from offloadfr.errors import BankError, ConfigError, DataError
 
@@ -322,3 +323,30 @@ def test_reference_equality_on_cuda() -> None:
         test_bank_plus_container_equal_cache_free_reference("fifo", 1, 0.001)
     finally:
         DEVICE = saved
+
+
+def test_write_backs_keep_up_when_fetches_keep_the_worker_busy() -> None:
+    """Catches a write-behind queue that grows without bound: with slow reads and a training loop that never waits,
+    a fetch is always queued, and a worker that served every fetch first would never write (host memory, and every
+    fetch searching more pending batches). The rows must still end equal to the reference."""
+    mem = MemoryBank(400, D, ARRAYS, init_std=0.01, seed=0)
+    bank = LatencyBank(mem, latency_s=0.003)
+    fresh = MemoryBank(400, D, ARRAYS, init_std=0.01, seed=0)
+    ref = {name: fresh.read_rows(torch.arange(400), name) for name in ARRAYS}
+    plans = [torch.arange(10 * t, 10 * t + 10) % 400 for t in range(60)]  # new ids every step: 10 evicted per step
+    most_pending = 0
+    with _prefetcher(bank, num_slots=30) as pf:
+        ready = pf.ready
+
+        def ready_and_count(step: int) -> None:
+            nonlocal most_pending
+            ready(step)
+            most_pending = max(most_pending, len(pf._pending))  # noqa: SLF001 - the queue under test
+
+        pf.ready = ready_and_count  # type: ignore[method-assign]
+        _train(pf, plans, 2, ref)
+        pf.write_back_all()
+    assert prefetcher_module._MAX_PENDING_BATCHES == 4  # noqa: SLF001 - the bound the next line checks
+    assert most_pending <= 6, most_pending  # the limit, one batch being written, the one evicted just now
+    for name in ARRAYS:
+        assert torch.equal(mem.read_rows(torch.arange(400), name), ref[name]), name

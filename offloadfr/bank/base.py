@@ -45,6 +45,12 @@ class ClassBank(ABC):
         Rows never written hold their deterministic initial value (seeded by (seed, id)).
         """
 
+    def read_rows_into(self, ids: torch.Tensor, out: torch.Tensor, array: str = "centers") -> None:
+        """``read_rows`` into ``out`` ((n, D) CPU, ``dtype``, contiguous): the prefetcher reads into its own (pinned)
+        buffers. Banks that can fill ``out`` directly override this and skip allocating the rows anew (a fresh 40 MB
+        tensor is 10 k page faults: a third of a 20 k-row read's time on the CPU VM)."""
+        out.copy_(self.read_rows(ids, array))
+
     @abstractmethod
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
         """Stores ``rows`` (n, D, any floating dtype: rounded to ``dtype`` to nearest) at ``ids`` (int64, shape (n,),

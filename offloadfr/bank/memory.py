@@ -154,6 +154,14 @@ class MemoryBank(ClassBank):
             self._rows_read += ids.numel()
             return self._tensors[array].index_select(0, ids)
 
+    def read_rows_into(self, ids: torch.Tensor, out: torch.Tensor, array: str = "centers") -> None:
+        """``read_rows`` into ``out`` ((n, D) CPU tensor of ``dtype``), with no intermediate tensor."""
+        _check_array(self, array)
+        ids = _check_ids(ids, self.num_classes, unique=False)
+        with self._lock:
+            self._rows_read += ids.numel()
+            torch.index_select(self._tensors[array], 0, ids, out=out)
+
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
         """Stores ``rows`` (n, D; rounded to ``dtype`` to nearest) at unique ``ids``.
 

@@ -41,8 +41,9 @@ class NvmeTier(BlockLoading):
         self.cache_blocks = cache_blocks
         self._cache: dict[str, OrderedDict[int, _Block]] = {name: OrderedDict() for name in self.arrays}
 
-    def _nvme_read(self, array: str, ids: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((ids.numel(), self.dim), dtype=self.dtype)
+    def _nvme_read(self, array: str, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty((ids.numel(), self.dim), dtype=self.dtype)
         groups = self._group_by_block(ids)
         cache = self._cache[array]
         with self._loads(array, [b for b, _ in groups if b not in cache]) as loads:

@@ -187,6 +187,25 @@ class ZarrBank(RamTier, NvmeTier, ClassBank):
             self._counts["rows_read"] += ids.numel()
             return self._ram_read(array, ids) if self.tier == "ram" else self._nvme_read(array, ids)
 
+    def read_rows_into(self, ids: torch.Tensor, out: torch.Tensor, array: str = "centers") -> None:
+        """``read_rows`` into ``out`` ((n, D) CPU tensor of ``dtype``), with no intermediate tensor.
+
+        Raises:
+            BankError: as ``read_rows``, or ``out`` has the wrong shape or dtype.
+        """
+        _check_array(self, array)
+        ids = _check_ids(ids, self.num_classes, unique=False)
+        if out.shape != (ids.numel(), self.dim) or out.dtype != self.dtype or out.device.type != "cpu":
+            raise BankError(f"out has shape {tuple(out.shape)}, {out.dtype} on {out.device}; read_rows_into needs "
+                            f"({ids.numel()}, {self.dim}) {self.dtype} on the CPU")
+        with self._lock:
+            self._check_open()
+            self._counts["rows_read"] += ids.numel()
+            if self.tier == "ram":
+                self._ram_read(array, ids, out=out)
+            else:
+                self._nvme_read(array, ids, out=out)
+
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
         """Stores ``rows`` (n, D; rounded to ``dtype`` to nearest) at unique ``ids``; durable after the next
         ``flush``.

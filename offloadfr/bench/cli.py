@@ -32,6 +32,11 @@ per configuration and a table in docs/benchmarks/quality_<machine>.md (offloadfr
 ``train``: the trainer's own step (real engine, head, bank and prefetcher) on synthetic images, with each head and
 with no classifier (backbone only), for the ratio of their images/s (offloadfr/bench/train.py).
 
+    python launch/bench.py host --num-classes 10000000 --tiers ram nvme --labels uniform block --device-ms 57
+
+``host``: partial_fc's host path (plan, prefetcher, bank, container, write-back) with the device's compute replaced
+by a wait of T ms: does the host keep up with a GPU's step? (offloadfr/bench/host.py).
+
     python launch/bench.py bank --num-blocks 256 --threads 1 2 4
 
 ``bank``: one bank call that misses many blocks (fresh ones from the initialiser, or stored ones from Zarr), timed
@@ -130,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         from offloadfr.bench.train import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] == "host":  # the bank's host path at a GPU's step time: offloadfr/bench/host.py
+        from offloadfr.bench.host import main as host_main
+
+        return host_main(argv[1:])
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("head", help="head step time and memory over num_classes")
