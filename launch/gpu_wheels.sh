@@ -19,9 +19,10 @@ pin() {  # the version of $1 in ci/constraints.txt (names compared with - and _ 
     echo "$v"
 }
 # deepspeed's needs the image lacks: hjson, pydantic (+ pydantic_core, annotated_types, typing_inspection);
-# webdataset's: braceexpand; zarr's: numcodecs, donfig, google_crc32c; offloadfr's config writer: tomli_w.
+# webdataset's: braceexpand; zarr's: numcodecs, donfig, google_crc32c; offloadfr's config writer: tomli_w; the
+# loader's JPEG decoder: simplejpeg (without it the loader falls back to PIL, at 3x the CPU per image).
 PKGS=(hjson pydantic pydantic_core annotated_types typing_inspection webdataset braceexpand zarr numcodecs donfig
-      google_crc32c tomli_w)
+      google_crc32c tomli_w simplejpeg)
 rm -rf .whl
 mkdir -p .whl
 "$PY" -m pip wheel -q --no-deps "deepspeed==$(pin deepspeed)" -w .whl
@@ -51,7 +52,7 @@ if [ -n "$PY312" ]; then
         -d "$site/image" numpy==2.5.2 pyyaml==6.0.3 typing_extensions==4.16.0 packaging==26.3
     "$PY312" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         .whl/*.whl "$site"/image/*.whl
-    PYTHONPATH=$site "$PY312" -c 'import zarr, numcodecs, webdataset, pydantic, hjson, tomli_w, donfig, google_crc32c
+    PYTHONPATH=$site "$PY312" -c 'import zarr, numcodecs, webdataset, pydantic, hjson, tomli_w, donfig, google_crc32c, simplejpeg
 import importlib.metadata as m; print("offline install on", __import__("sys").version.split()[0], "ok: deepspeed",
       m.version("deepspeed"), "zarr", zarr.__version__)' || { rm -rf "$site"; exit 1; }
     rm -rf "$site"

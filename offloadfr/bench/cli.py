@@ -12,6 +12,7 @@ memory is reported as a row with ``"status": "oom"``, not as a crash.
 
 ``data``: decoded, augmented images/s of our training loader against a plain ``webdataset.WebDataset`` pipeline
 doing the same decoding and flips with the same workers, alternating rounds in one run (offloadfr/bench/data.py).
+With ``--cores``: CPU per image of our loader, per sampler and JPEG decoder, and the cores 4,500 img/s needs.
 With ``--resume-at 0.9``: seconds to the first batch of a run resumed at 90 % of an epoch, the loader started at that
 step against iterating the epoch from its start and discarding the batches before it.
 
@@ -62,6 +63,15 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     cfg = DataCfg(path=args.data_path, generate_if_missing=False, num_workers=args.num_workers,
                   sampler=args.sampler, block_rows=128, block_window=8)
+    if args.cores:
+        from offloadfr.bench.data import measure_loader_cores
+
+        env = environment()
+        for row in measure_loader_cores(cfg, samplers=args.samplers, decoders=args.decoders,
+                                        image_size=args.image_size, batch_size=args.batch_size,
+                                        num_batches=args.num_batches, rounds=args.rounds):
+            emit_row({**row, "env": env}, args.out)
+        return 0
     if args.resume_at is not None:
         from offloadfr.bench.data import measure_resume
 
@@ -170,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume-at", type=float, default=None, metavar="FRACTION",
                    help="instead: seconds to the first batch of a run resumed at this fraction of an epoch, the "
                         "loader started there against iterating and discarding the batches before it")
+    p.add_argument("--cores", action="store_true",
+                   help="instead: CPU per image of our loader for each of --samplers and --decoders, and the cores "
+                        "4,500 img/s needs (offloadfr/bench/data.py measure_loader_cores)")
+    p.add_argument("--samplers", nargs="+", default=["instance", "identity", "block", "dual", "attention"],
+                   help="--cores: the samplers measured")
+    p.add_argument("--decoders", nargs="+", choices=["simplejpeg", "pil"], default=["simplejpeg", "pil"],
+                   help="--cores: the JPEG decoders measured (data.decoder)")
     p.add_argument("--out", help="append the JSON row to this file")
     p.set_defaults(func=_cmd_data)
     p = sub.add_parser("kernel", help="head step: plain vs fused (normalise, margin CE, row SGD), fp32/TF32/bf16 GEMMs")

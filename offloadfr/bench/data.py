@@ -29,7 +29,7 @@ from offloadfr.config import DataCfg
 from offloadfr.data.loader import build_train_loader
 from offloadfr.data.shards import read_index
 
-__all__ = ["measure_data_pipelines", "measure_resume"]
+__all__ = ["measure_data_pipelines", "measure_resume", "measure_loader_cores"]
 
 
 class _ResizeFlipCHW:
@@ -160,6 +160,75 @@ def measure_resume(cfg: DataCfg, *, image_size: int, batch_size: int, at: float 
         "first_batch_s_epoch_start": med["epoch_start"], "speedup": med["discard"] / med["started"],
         "rounds": seconds,
     }
+
+
+def measure_loader_cores(cfg: DataCfg, *, samplers: list[str], decoders: list[str], image_size: int,
+                         batch_size: int, num_batches: int, rounds: int = 3,
+                         target_img_per_s: float = 4500.0) -> list[dict[str, Any]]:
+    """CPU per image of the training loader, by sampler and JPEG decoder: what one core loads per second, and the
+    cores ``target_img_per_s`` needs (4,500 img/s: iresnet50 at B = 256 on an H100).
+
+    Each measurement runs the loader in this process (``num_workers = 0``: read, shuffle or plan, decode, flip,
+    batch, all on one core) and divides the images of ``num_batches`` batches, after the first, by the CPU time
+    (``time.process_time``) they took; the settings alternate within each round, so the machine's load hits them alike.
+    A second figure checks it with the workers of ``cfg.num_workers``: images per second of wall time and the CPU
+    time of the training process and its workers (joined, ``RUSAGE_CHILDREN``) per image, worker start-up included.
+
+    Returns:
+        One row per (sampler, decoder): ``img_per_core_s`` (median over the rounds), ``cpu_us_per_image``,
+        ``cores_for_target``, the rounds, and ``workers_img_per_s`` / ``workers_cpu_us_per_image``.
+    """
+    import dataclasses
+    import resource
+
+    def loader(sampler: str, decoder: str, workers: int) -> Any:
+        return build_train_loader(dataclasses.replace(cfg, sampler=sampler, decoder=decoder, num_workers=workers),
+                                  image_size=image_size, batch_size=batch_size, seed=0, epoch=0,
+                                  block_rows=max(1, cfg.block_rows), block_window=max(1, cfg.block_window))
+
+    def in_process(sampler: str, decoder: str) -> float:
+        """CPU seconds per image of batches 2 .. num_batches + 1, loaded in this process."""
+        batches = iter(loader(sampler, decoder, 0))
+        next(batches)  # the plan, the first shard opened
+        cpu, images = time.process_time(), 0
+        for _, (x, _) in zip(range(num_batches), batches, strict=False):
+            images += x.shape[0]
+        return (time.process_time() - cpu) / images
+
+    def with_workers(sampler: str, decoder: str) -> tuple[float, float]:
+        """(images per wall second, CPU seconds per image of this process and its workers)."""
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        t0, images = time.perf_counter(), 0
+        batches = iter(loader(sampler, decoder, cfg.num_workers))
+        for _, (x, _) in zip(range(num_batches), batches, strict=False):
+            images += x.shape[0]
+        wall = time.perf_counter() - t0
+        del batches  # joins the workers, so that their CPU time is counted
+        after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, usage, strict=True))
+        return images / wall, cpu / images
+
+    settings = [(sampler, decoder) for sampler in samplers for decoder in decoders]
+    for sampler, decoder in settings:  # warm-up: page cache, imports
+        in_process(sampler, decoder)
+    per_image: dict[tuple[str, str], list[float]] = {key: [] for key in settings}
+    for _ in range(rounds):
+        for key in settings:
+            per_image[key].append(in_process(*key))
+    rows = []
+    for sampler, decoder in settings:
+        cpu_s = statistics.median(per_image[(sampler, decoder)])
+        wall_rate, workers_cpu_s = with_workers(sampler, decoder)
+        rows.append({
+            "bench": "loader_cores", "dataset": str(cfg.path), "sampler": sampler, "decoder": decoder,
+            "image_size": image_size, "batch_size": batch_size, "num_batches": num_batches, "rounds": rounds,
+            "cpu_us_per_image": 1e6 * cpu_s, "img_per_core_s": 1.0 / cpu_s,
+            "target_img_per_s": target_img_per_s, "cores_for_target": target_img_per_s * cpu_s,
+            "rounds_cpu_us_per_image": [1e6 * v for v in per_image[(sampler, decoder)]],
+            "num_workers": cfg.num_workers, "workers_img_per_s": wall_rate,
+            "workers_cpu_us_per_image": 1e6 * workers_cpu_s,
+        })
+    return rows
 
 
 def replay_bank_traffic(label_batches: list[torch.Tensor], *, num_classes: int, dim: int, chunk_rows: int,

@@ -40,7 +40,6 @@ skipped samples cost neither a read nor a decode.
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import os
@@ -54,10 +53,10 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from offloadfr.config import DataCfg
+from offloadfr.data.decode import decode_face, resolve_decoder
 from offloadfr.data.samplers import PlannedDataset, SamplerSpec, cached_member_table, plan_epoch
 from offloadfr.data.shards import DatasetIndex, read_index
 from offloadfr.errors import ConfigError, DataError
@@ -173,16 +172,12 @@ def _read_direct(path: str, members: list[tuple[str, Any]]) -> list[dict[str, An
             for key, m in members]
 
 
-def _decode(sample: dict[str, Any], image_size: int) -> tuple[np.ndarray, int]:
-    """JPEG bytes and ``cls`` of one sample -> (H, W, 3) uint8 at ``image_size`` and the label."""
+def _decode(sample: dict[str, Any], image_size: int, decoder: str = "pil") -> tuple[np.ndarray, int]:
+    """JPEG bytes and ``cls`` of one sample -> (H, W, 3) uint8 at ``image_size`` and the label (``decode_face``)."""
     if "__bad__" in sample:
         raise DataError(sample["__bad__"])
     label = int(sample["cls"].decode("ascii").strip())
-    with Image.open(io.BytesIO(sample["jpg"])) as im:
-        rgb = im.convert("RGB")
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8), label
+    return decode_face(sample["jpg"], image_size, decoder), label
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
@@ -194,8 +189,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     output first, and that is step ``start_batch``."""
 
     def __init__(self, *, segments: list[list[_Segment]], batches: list[int], batch_size: int, image_size: int,
-                 shuffle_buffer: int, seed: int, epoch: int, rank: int, start_batch: int = 0) -> None:
+                 shuffle_buffer: int, seed: int, epoch: int, rank: int, start_batch: int = 0,
+                 decoder: str = "pil") -> None:
         super().__init__()
+        self.decoder = decoder  # resolved (data/decode.py)
         self.segments = segments
         self.batches = batches
         self.start_batch = start_batch
@@ -292,7 +289,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         """The last good sample among the skipped ones (what an uninterrupted reader would copy last), or None."""
         for p in skipped[::-1].tolist():
             try:
-                return _decode(self._read_positions(worker, np.array([p]))[p], self.image_size)
+                return _decode(self._read_positions(worker, np.array([p]))[p], self.image_size, self.decoder)
             except Exception:  # noqa: S112 (corrupt: try the one before)
                 continue
         return None
@@ -337,7 +334,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
             return batch
         for sample in mixed:
             try:
-                item = _decode(sample, size)
+                item = _decode(sample, size, self.decoder)
             except Exception as exn:  # PIL raises many types on corrupt data; never fatal
                 num_bad += 1
                 owed += 1
@@ -510,13 +507,14 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
     if cfg.sampler == "auto":  # load_config resolves it from head.kind; a DataCfg built in code must name one
         raise ConfigError("data.sampler = 'auto' reached the loader unresolved: load the config with load_config() "
                           "(it picks the head's sampler) or name a sampler, e.g. DataCfg(sampler='instance')")
+    decoder = resolve_decoder(cfg.decoder)
     index = read_index(os.fspath(cfg.path))
     if cfg.sampler != "instance":
         spec = sampler_spec(cfg, batch_size=batch_size, block_rows=block_rows, block_window=block_window)
         plan = plan_epoch(index, spec, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
         _check_start(start_batch, plan.steps)
         planned = PlannedDataset(index, spec, plan, image_size=image_size, seed=seed, epoch=epoch,
-                                 start_step=start_batch)
+                                 start_step=start_batch, decoder=decoder)
         planned.prepare()
         return TrainLoader(planned, index=index, steps_per_epoch=plan.steps, batch_size=batch_size,
                            num_workers=cfg.num_workers, pin_memory=pin_memory, start_batch=start_batch)
@@ -525,7 +523,7 @@ def build_train_loader(cfg: DataCfg, *, image_size: int, batch_size: int, seed: 
     _check_start(start_batch, steps)
     dataset = _EpochDataset(segments=segments[rank], batches=batches[rank], batch_size=batch_size,
                             image_size=image_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed, epoch=epoch, rank=rank,
-                            start_batch=start_batch)
+                            start_batch=start_batch, decoder=decoder)
     return TrainLoader(dataset, index=index, steps_per_epoch=steps, batch_size=batch_size,
                        num_workers=cfg.num_workers, pin_memory=pin_memory, start_batch=start_batch)
 

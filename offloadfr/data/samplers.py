@@ -42,7 +42,6 @@ and counted.
 
 from __future__ import annotations
 
-import io
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,8 +50,8 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
 
+from offloadfr.data.decode import decode_face
 from offloadfr.data.shards import DatasetIndex, sample_key
 from offloadfr.errors import ConfigError, DataError
 
@@ -350,11 +349,13 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
         start_step: the first step to load (a resumed run's place in the epoch); the steps before it are not read.
             The steps after it are those of the whole epoch: a batch depends only on the plan and its global batch
             number (which seeds its flips), not on the worker that loads it.
+        decoder: the JPEG decoder, resolved (``data.decode.resolve_decoder``).
     """
 
     def __init__(self, index: DatasetIndex, spec: SamplerSpec, plan: EpochPlan, *, image_size: int, seed: int,
-                 epoch: int, start_step: int = 0) -> None:
+                 epoch: int, start_step: int = 0, decoder: str = "pil") -> None:
         super().__init__()
+        self.decoder = decoder
         assert 0 <= start_step <= plan.steps, f"start step {start_step} outside the plan's {plan.steps} steps"
         self.spec = spec
         self.plan = plan
@@ -442,12 +443,7 @@ class PlannedDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg
             raise DataError(sample)
         if int(sample["cls"].decode("ascii").strip()) != label:
             raise DataError(f"cls {sample['cls']!r} disagrees with index.json's id {label}")
-        size = self.image_size
-        with Image.open(io.BytesIO(sample["jpg"])) as im:
-            rgb = im.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.asarray(rgb, dtype=np.uint8)
+        return decode_face(sample["jpg"], self.image_size, self.decoder)
 
     def _load(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
         refs, labels = self.plan.refs[step], self.plan.labels[step]
