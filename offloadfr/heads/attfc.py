@@ -30,7 +30,8 @@ BatchNorm running statistics of that step's forward stay, as they are not read i
 
 W processes (MoCo's queue): each rank's queries take their loss against their own batch's GCCs and the queue, and
 every rank enqueues the GCCs and labels of all ranks, all-gathered in rank order in ``forward``, so the queues stay
-identical; the engine averages the backbone gradient. The authors' code runs one process. Not in bank mode.
+identical; the engine averages the backbone gradient. The authors' code runs one process. In bank mode every rank
+appends the same bank columns and writes the GCCs of all ranks into the bank rows it owns (``center_bank.py``).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class AttFCHead(TwinHead):
         self._keys: torch.Tensor | None = None  # this step's key images, until forward
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's GCCs and labels, until update
         self._last: dict[str, torch.Tensor] = {}
-        # bank mode (head.bank_negatives > 0): the GCCs also go to the class bank, which lends extra negatives
+        # bank mode (head.bank_negatives > 0): the GCCs of all ranks also go to the class bank, which lends extra
+        # negatives (the plan streams them to the device)
 
     def set_key_images(self, keys_BK: torch.Tensor) -> None:
         """Keeps the key images (B, k, 3, S, S), normalised, for the next ``forward``."""
@@ -187,9 +189,10 @@ class AttFCHead(TwinHead):
 
     @torch.no_grad()
     def skip(self) -> None:
-        """Drops this step's GCCs; the key encoder does not move."""
+        """Drops this step's GCCs; the key encoder does not move and nothing reaches the bank."""
         self._pending = None
         self._keys = None
+        self.skip_bank_step()
 
     def metrics(self) -> dict[str, float]:
         """Masked queue entries per query, filled queue slots, mean top attention weight, mean positive cosine, mean

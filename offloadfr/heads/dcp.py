@@ -39,8 +39,9 @@ W processes (the code's ``all_gather`` of §3.4): every rank keeps the whole poo
 all-gathers the gallery features and labels of all ranks (no gradient; rank order, so every rank writes the same rows
 in the same order), and each rank's probes take their loss against that pool; the engine averages the backbone
 gradient over the ranks (data parallel). The pool starts from the same seed, the gallery net follows the same
-backbone, so the pools stay identical (tested), and a checkpoint (rank 0's) resumes on any process count. Not in
-bank mode (``head.bank_negatives > 0`` is refused on W > 1).
+backbone, so the pools stay identical (tested), and a checkpoint (rank 0's) resumes on any process count. In bank
+mode every rank appends the same bank columns and writes the kept pass's gallery features of all ranks into the bank
+rows it owns (``center_bank.py``).
 """
 
 from __future__ import annotations
@@ -303,12 +304,14 @@ class DCPHead(TwinHead):
         self._gallery = None
         g_nD = self.gallery_features(images_g)
         e_BD = F.normalize(emb_BD.float(), dim=1)
-        bank = self.center_bank.read(e_BD.device) if self.center_bank is not None else None
+        # bank mode: the step's negatives (the gallery's labels plan the step when the trainer did not)
+        bank = self.center_bank.read(labels_g) if self.center_bank is not None else None
         if self.cfg.dcp_form == "single":
             if e_BD.shape[0] != labels_B.shape[0]:
                 raise ValueError(f"dcp: {e_BD.shape[0]} probe embeddings for {labels_B.shape[0]} labels")
-            loss, kept = self._pass(e_BD, labels_B, *self.from_all_ranks(g_nD, labels_g), bank)
-            self._centers = (labels_g, g_nD)
+            gallery = self.from_all_ranks(g_nD, labels_g)
+            loss, kept = self._pass(e_BD, labels_B, *gallery, bank)
+            self._centers = (gallery[1], gallery[0])  # every rank's: each writes the rows it owns
         else:
             if e_BD.shape[0] != g_nD.shape[0]:
                 raise ValueError(f"dcp: {e_BD.shape[0]} probe embeddings for {g_nD.shape[0]} gallery rows")
@@ -318,7 +321,7 @@ class DCPHead(TwinHead):
             self.pool.undo(temporary)  # pass A leaves no trace
             loss_b, kept = self._pass(e_BD[num_x:], labels_B[num_x:], *gallery_x, bank)
             loss = loss_a + loss_b
-            self._centers = (labels_g[:num_x], g_nD[:num_x])
+            self._centers = (gallery_x[1], gallery_x[0])
         self._pending = kept
         self._last["dcp/pool_used"] = torch.tensor(float(len(self.pool)))
         return loss
@@ -371,6 +374,7 @@ class DCPHead(TwinHead):
             self.pool.undo(self._pending)
         self._pending = self._centers = None
         self._gallery = None
+        self.skip_bank_step()
 
     def metrics(self) -> dict[str, float]:
         """Used pool slots, the fraction of probes with a slot, their mean cosine, the outlier term (kept pass); in

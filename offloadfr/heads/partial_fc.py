@@ -36,23 +36,25 @@ from typing import Any
 
 import torch
 
-from offloadfr.bank.zarr_bank import open_bank
 from offloadfr.cache import DynamicClassContainer, Prefetcher
 from offloadfr.config import HeadCfg
-from offloadfr.distributed import ClassPartition, all_gather_labels, all_gather_objects, barrier
+from offloadfr.distributed import all_gather_labels, all_gather_objects
 from offloadfr.errors import CheckpointError
 from offloadfr.heads.base import Head, HeadDeps, gather_global_batch, partitioned_loss, register_head
+from offloadfr.heads.shared_bank import (
+    WRITE_BACK_ROUNDING,
+    BlockCounts,
+    check_bank_step,
+    commit_once,
+    open_shared_bank,
+    prepare_in_turn,
+    saved_bank_step,
+)
 from offloadfr.kernels import check_kernel, cosine_logits, margin_softmax_cross_entropy, update_rows_
 
 __all__ = ["PartialFCHead"]
 
 _ARRAYS = ("centers", "momentum")
-
-WRITE_BACK_ROUNDING = "nearest"
-"""How rows are rounded to a bfloat16 bank at write-back (``Prefetcher(rounding=...)``); no effect on float32.
-Nearest: stochastic rounding kept no more of the updates and added rounding noise
-(docs/benchmarks/bank_dtype_cpu-2core_202612.md)."""
-
 
 class _NegativeStream:
     """An endless stream of ids: a random permutation of all ids per pass (of whole blocks when ``block_rows > 1``)."""
@@ -111,17 +113,8 @@ class PartialFCHead(Head):
         self.lookahead = deps.cache.lookahead
         self.device = deps.device
         self.world_size = deps.world_size
-        # One global bank: the ranks open it one after the other (rank 0 creates it; opening read-write clears a
-        # stale journal, which must not race with another rank).
-        for turn in range(deps.world_size):
-            if turn == deps.rank:
-                self.bank = open_bank(deps.bank, path=str(deps.bank_path), num_classes=deps.num_classes, dim=deps.dim,
-                                      arrays=_ARRAYS, head_kind="partial_fc", num_processes=deps.world_size,
-                                      processes_per_host=deps.processes_per_host)
-            barrier()
-        self.partition = ClassPartition(deps.num_classes, deps.world_size, deps.rank, align=self.bank.chunk_rows)
-        if deps.bank.tier == "ram":  # this rank's rows only, not the whole bank
-            self.bank.hold_rows(self.partition.class_start, self.partition.class_end)
+        # One global bank, opened rank by rank; this rank's block-aligned id range (and only its rows with ram tier)
+        self.bank, self.partition = open_shared_bank(deps, arrays=_ARRAYS, head_kind="partial_fc")
         num_local = self.partition.num_local
         num_slots = min(deps.cache.num_slots or num_local, num_local)
         self.dcc = DynamicClassContainer(num_slots, deps.dim, arrays=_ARRAYS, device=deps.device,
@@ -138,7 +131,7 @@ class PartialFCHead(Head):
         self._active_slots: torch.Tensor | None = None
         self._w_AD: torch.Tensor | None = None
         self._every_slot = False  # this step's active slots are all K slots (w_AD is then the DCC's own rows)
-        self._blocks_before: dict[str, int] = {}  # bank block counters at the previous metrics() call
+        self._blocks = BlockCounts()
 
     # ------------------------------------------------------------------------------------------------ the plan
     def plan(self, labels_B: torch.Tensor) -> None:
@@ -219,11 +212,8 @@ class PartialFCHead(Head):
         """The prefetcher's traffic and stall, the DCC's used slots, and the Zarr block reads (``bank/blocks_read``:
         blocks loaded from the store, what the nvme tier pays for) and journal writes (``bank/blocks_staged``),
         all since the previous call."""
-        stats = self.bank.stats()
-        blocks = {"bank/blocks_read": stats["bank/blocks_loaded"], "bank/blocks_staged": stats["bank/blocks_staged"]}
-        since = {name: float(value - self._blocks_before.get(name, 0)) for name, value in blocks.items()}
-        self._blocks_before = blocks
-        return {**self.prefetcher.metrics(), **since, "cache/used_slots": float(self.dcc.num_used)}
+        used = {"cache/used_slots": float(self.dcc.num_used)}
+        return {**self.prefetcher.metrics(), **self._blocks.since(self.bank), **used}
 
     def prepare(self, step: int) -> None:
         """Writes every resident row back and prepares the bank's flush of ``step`` (``ClassBank.prepare``).
@@ -232,10 +222,7 @@ class PartialFCHead(Head):
         the bank's attributes are rewritten by one rank at a time).
         """
         self.prefetcher.write_back_all()
-        for turn in range(self.world_size):
-            if turn == self.partition.rank:
-                self.bank.prepare(step)
-            barrier()
+        prepare_in_turn(self.bank, self.partition, step)
 
     def commit(self, step: int) -> None:
         """Commits the bank's flush of ``step``: its recorded step becomes ``step``.
@@ -243,16 +230,10 @@ class PartialFCHead(Head):
         With W processes rank 0 commits the whole journal (every rank's chunks: one commit point), then the other
         ranks take note of it.
         """
-        if self.partition.rank == 0:
-            self.bank.commit(step)
-        barrier()
-        if self.partition.rank != 0:
-            self.bank.follow_commit(step)
+        commit_once(self.bank, self.partition, step)
 
     def get_extra_state(self) -> dict[str, Any]:
-        # Inside a checkpoint the bank's flush is prepared, not committed yet: record the step it commits to.
-        pending = self.bank.pending_step
-        bank_step = self.bank.step if pending is None else pending
+        bank_step = saved_bank_step(self.bank)
         mine = {"negatives": self.negatives.state(), "bank_step": bank_step}
         # Every rank's stream (a collective), so that a resume on the same number of processes continues each one.
         return {"num_steps": self.num_steps, "bank_step": bank_step, "ranks": all_gather_objects(mine)}
@@ -264,10 +245,7 @@ class PartialFCHead(Head):
             CheckpointError: the bank's recorded step differs from the checkpoint's (a crash between the bank
                 flush and the checkpoint, or a bank that trained on): resuming would mix rows of two steps.
         """
-        if self.bank.step != state["bank_step"]:
-            raise CheckpointError(f"bank {self.bank.path} is at step {self.bank.step} but the checkpoint is at step "
-                                  f"{state['bank_step']}; resume from the checkpoint of step {self.bank.step}, or "
-                                  "restore the bank directory saved with this checkpoint")
+        check_bank_step(self.bank, state["bank_step"])
         if self.num_planned:
             raise CheckpointError("load a partial_fc checkpoint before the first plan() of the run")
         ranks = state.get("ranks", [{"negatives": state.get("negatives")}])

@@ -5,7 +5,9 @@ follows the backbone's parameters by an EMA after each optimizer step (AttFC's k
 have the same bank mode (``head.bank_negatives > 0``, :class:`~offloadfr.heads.center_bank.CenterBank`), which takes
 part in the two-phase checkpoint and adds its traffic to the head's metrics. On W processes both are data parallel:
 every rank keeps the same whole pool or queue, written with the generated centers of every rank in rank order
-(:meth:`TwinHead.from_all_ranks`), as MoCo's queue and F2C's code do; bank mode runs on one process.
+(:meth:`TwinHead.from_all_ranks`), as MoCo's queue and F2C's code do. In bank mode the ids are partitioned over
+the ranks' center banks, over one global bank (``center_bank.py``), and the trainer's ``plan`` reaches the bank's
+prefetcher.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import torch
 from torch import nn
 
 from offloadfr.distributed import all_gather_labels, all_gather_rows
-from offloadfr.errors import ConfigError
 from offloadfr.heads.base import Head, HeadDeps
 from offloadfr.heads.center_bank import CenterBank
 
@@ -50,9 +51,6 @@ class TwinHead(Head):
         super().__init__()
         if deps.backbone is None:
             raise ValueError(f"{kind} needs HeadDeps.backbone, the trained backbone its twin network copies")
-        if deps.world_size > 1 and bank_negatives:
-            raise ConfigError(f"head.kind = {kind!r} with head.bank_negatives = {bank_negatives} on {deps.world_size} "
-                              "processes: bank mode runs on one process; set head.bank_negatives = 0 or launch 1")
         self.margin = deps.margin
         self.precision = deps.precision
         self.__dict__["trained_net"] = deps.backbone  # a reference, not a submodule: not in this head's state
@@ -62,6 +60,17 @@ class TwinHead(Head):
     def trained_net(self) -> nn.Module:
         """The backbone the engine trains (not a submodule of the head)."""
         return self.__dict__["trained_net"]
+
+    def plan(self, labels_B: torch.Tensor) -> None:
+        """Bank mode: the coming batch's identities and negatives go to the center bank's prefetcher (on W > 1 a
+        collective); nothing with the bank off."""
+        if self.center_bank is not None:
+            self.center_bank.plan(labels_B)
+
+    def skip_bank_step(self) -> None:
+        """Bank mode: the step ends with nothing written (``skip``); nothing with the bank off."""
+        if self.center_bank is not None:
+            self.center_bank.skip()
 
     def make_twin(self) -> nn.Module:
         """A float32 copy of the trained backbone that takes no gradient."""
