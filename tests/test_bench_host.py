@@ -89,3 +89,25 @@ def test_prepare_warm_bank_stores_every_block_with_its_initial_rows(tmp_path: Pa
     assert warm.step == 0 and stats["bank/blocks_initialised"] == 0 and stats["bank/blocks_loaded"] == 2 * 8
     warm.close()
     fresh.close()
+
+
+@pytest.mark.slow
+def test_host_bench_center_bank_rows(tmp_path: Path) -> None:
+    """The bank mode of dcp and attfc through the same path: each step reads about its n negatives (the rotation
+    pointer's next seen ids: every id is seen) plus the batch's new identities, from the store when the bank is
+    warm, and each head gets its own warm bank (one array, its own head kind)."""
+    warm_dir = tmp_path / "warm"
+    proc, rows = _host_bench(tmp_path, "--heads", "dcp", "attfc", "--bank-negatives", "512", "--tiers", "nvme",
+                             "--bank-states", "fresh", "warm", "--labels", "block", "--device-ms", "20",
+                             "--warm-bank-dir", str(warm_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(r["head"], r["bank_state"], r["status"]) for r in rows] == [
+        (head, state, "ok") for head in ("dcp", "attfc") for state in ("fresh", "warm")]
+    for r in rows:
+        assert r["config"]["head"]["bank_negatives"] == 512 and r["bank_negatives"] == 512
+        assert 400 < r["rows_read_per_step"] <= (512 + 64) * 14 / 12
+        assert r["bank_read_Bps"] == pytest.approx(r["rows_read_per_step"] * r["steps_per_s"] * 16 * 4, rel=0.1)
+        if r["bank_state"] == "warm":
+            assert r["bank_blocks_initialised_per_s"] == 0 and r["storage_read_Bps"] > 0
+    assert sorted(p.name for p in warm_dir.iterdir()) == ["attfc-n20000-d16-float32-r256",
+                                                          "dcp-n20000-d16-float32-r256"]

@@ -10,7 +10,10 @@ real host path of ``partial_fc`` (``head.kind = "partial_fc"``) without the comp
     wait T ms                    # the device step (logits, loss, backward, row update, backbone) in its place
     skip()                       # the head's step counter moves on; the evicted rows were queued for write-back
 
-exactly as the trainer calls them (``trainer.with_lookahead`` plans L = ``cache.lookahead`` batches ahead): the
+exactly as the trainer calls them (``trainer.with_lookahead`` plans L = ``cache.lookahead`` batches ahead); with
+``--heads dcp attfc``, the same for the bank mode of those heads (``head.bank_negatives = n``, ``--bank-negatives``):
+their ``CenterBank`` (heads/center_bank.py) plans the batch's identities plus the next n ids of its rotation
+pointer, every id marked seen (the steady state after the first epoch), and its ``skip`` ends the step. The
 prefetcher's worker reads the bank and writes evicted rows back while the main thread waits, as it would while the
 GPU computes. What a GPU does that this bench does not: the row update changes values, not bytes moved (evicted rows
 are written back whether they changed or not). What it does that a GPU would not: the container is on the CPU, so
@@ -62,14 +65,20 @@ BANK_STATES = ("fresh", "warm")
 _ARRAYS = ("centers", "momentum")  # partial_fc's rows
 
 
-def warm_bank_path(root: str | Path, *, num_classes: int, dim: int, dtype: str, chunk_rows: int) -> Path:
+def bank_arrays(head_kind: str) -> tuple[str, ...]:
+    """The arrays of a head's bank: centers and momentum for ``partial_fc``, centers for a center bank."""
+    return _ARRAYS if head_kind == "partial_fc" else ("centers",)
+
+
+def warm_bank_path(root: str | Path, *, num_classes: int, dim: int, dtype: str, chunk_rows: int,
+                   head_kind: str = "partial_fc") -> Path:
     """Where :func:`prepare_warm_bank` keeps the warm bank of these sizes under ``root``."""
-    return Path(root) / f"partial_fc-n{num_classes}-d{dim}-{dtype}-r{chunk_rows}"
+    return Path(root) / f"{head_kind}-n{num_classes}-d{dim}-{dtype}-r{chunk_rows}"
 
 
 def prepare_warm_bank(path: Path, *, num_classes: int, dim: int, dtype: str, chunk_rows: int, seed: int,
-                      init_std: float, progress: bool = True) -> float:
-    """Makes a ``partial_fc`` bank at ``path`` whose every block is stored (its initial rows, written once and
+                      init_std: float, head_kind: str = "partial_fc", progress: bool = True) -> float:
+    """Makes a bank of ``head_kind`` at ``path`` whose every block is stored (its initial rows, written once and
     committed at step 0), unless one is there already; returns the seconds it took (0 when it existed).
 
     The blocks go through the bank's own write path (whole blocks staged in the journal, then committed by moving the
@@ -85,14 +94,15 @@ def prepare_warm_bank(path: Path, *, num_classes: int, dim: int, dtype: str, chu
     started = time.perf_counter()
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    bank = ZarrBank.create(tmp, num_classes=num_classes, dim=dim, arrays=_ARRAYS, head_kind="partial_fc",
+    arrays = bank_arrays(head_kind)
+    bank = ZarrBank.create(tmp, num_classes=num_classes, dim=dim, arrays=arrays, head_kind=head_kind,
                            chunk_rows=chunk_rows, seed=seed, init_std=init_std, tier="nvme", cache_blocks=8,
                            dtype=dtype)
     try:
         blocks = range(0, num_classes, bank.chunk_rows)
         for lo in tqdm(blocks, desc=f"warm bank {path.name}", unit="block", disable=not progress, mininterval=2):
             ids = torch.arange(lo, min(lo + bank.chunk_rows, num_classes))
-            for name in _ARRAYS:
+            for name in arrays:
                 bank.write_rows(ids, bank.read_rows(ids, name), name)
         bank.flush(0)
     finally:
@@ -107,11 +117,35 @@ def _resolve_config(spec: dict[str, Any]) -> Any:
 
     cfg = load_config(spec["config_file"] or None, list(spec["overrides"]))
     r = dataclasses.replace
+    kind = spec.get("head", "partial_fc")
+    negatives = spec.get("bank_negatives", 0) if kind != "partial_fc" else 0
     return r(cfg, model=r(cfg.model, embedding_size=spec["dim"]),
              train=r(cfg.train, batch_size=spec["batch_size"]), run=r(cfg.run, device="cpu"),
-             head=r(cfg.head, kind="partial_fc"),
+             head=r(cfg.head, kind=kind, bank_negatives=negatives),
              bank=r(cfg.bank, tier=spec["tier"], dtype=spec["bank_dtype"] or cfg.bank.dtype),
              cache=r(cfg.cache, num_slots=spec["num_slots"]))
+
+
+def _build_bank_path(cfg: Any, num_classes: int, bank_path: Path) -> Any:
+    """What the bench drives: the ``partial_fc`` head, or the ``CenterBank`` of ``dcp`` / ``attfc`` in bank mode
+    (the part of those heads that reads and writes the bank; the rest of them is device compute) with every id seen
+    (the steady state after the first epoch). Both have ``bank``, ``dcc``, ``prefetcher``, ``num_steps``, ``plan``,
+    ``skip`` and ``metrics``."""
+    import numpy as np
+    import torch
+
+    from offloadfr.heads import HeadDeps, build_head
+    from offloadfr.heads.center_bank import CenterBank
+    from offloadfr.losses import build_margin
+
+    deps = HeadDeps(margin=build_margin(cfg.loss), num_classes=num_classes, dim=cfg.model.embedding_size,
+                    device=torch.device("cpu"), bank=cfg.bank, cache=cfg.cache, bank_path=bank_path,
+                    precision=torch.float32)
+    if cfg.head.kind == "partial_fc":
+        return build_head(cfg.head, deps)
+    center_bank = CenterBank(deps, head_kind=cfg.head.kind, num_negatives=cfg.head.bank_negatives)
+    center_bank.mark_seen(np.arange(num_classes))
+    return center_bank
 
 
 def _make_resident(bank: Any, num_classes: int) -> None:
@@ -121,7 +155,7 @@ def _make_resident(bank: Any, num_classes: int) -> None:
     step = max(bank.chunk_rows, 1 << 20)
     for lo in range(0, num_classes, step):
         ids = torch.arange(lo, min(lo + step, num_classes))
-        for name in _ARRAYS:
+        for name in bank.arrays:
             bank.read_rows(ids, name)
 
 
@@ -147,13 +181,9 @@ def _keep_freed_memory() -> bool:
 
 def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs one configuration in this process; returns its JSON row."""
-    import torch
-
-    malloc_kept = _keep_freed_memory() if spec.get("keep_freed_memory", True) else False
-
     from offloadfr.bank.layout import auto_chunk_rows
-    from offloadfr.heads import HeadDeps, build_head
-    from offloadfr.losses import build_margin
+
+    malloc_kept = _keep_freed_memory()
 
     cfg = _resolve_config(spec)
     n, dim = spec["num_classes"], cfg.model.embedding_size
@@ -164,9 +194,7 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
         fresh_root = Path(tempfile.mkdtemp(prefix="offloadfr-bench-host-", dir=spec["bank_dir"] or None))
         bank_path = fresh_root / "bank"
     try:
-        head = build_head(cfg.head, HeadDeps(margin=build_margin(cfg.loss), num_classes=n, dim=dim,
-                                             device=torch.device("cpu"), bank=cfg.bank, cache=cfg.cache,
-                                             bank_path=bank_path, precision=torch.float32))
+        head = _build_bank_path(cfg, n, bank_path)
         try:
             if spec["bank_state"] == "warm" and cfg.bank.tier == "ram":
                 _make_resident(head.bank, n)
@@ -177,7 +205,7 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
         if fresh_root is not None:
             shutil.rmtree(fresh_root, ignore_errors=True)
     row["malloc_keeps_freed"] = malloc_kept
-    row["config"] = {k: dataclasses.asdict(cfg)[k] for k in ("head", "loss", "bank", "cache")}
+    row["config"] = {k: dataclasses.asdict(cfg)[k] for k in ("head", "bank", "cache")}
     return row
 
 
@@ -277,7 +305,7 @@ def _time_container(dcc: Any) -> list[float]:
     return total
 
 
-HOST_COLUMNS = ("num_classes", "tier", "bank_state", "labels", "num_slots", "bank_dtype", "device_ms", "status",
+HOST_COLUMNS = ("head", "num_classes", "tier", "bank_state", "labels", "num_slots", "bank_dtype", "device_ms", "status",
                 "steps_per_s", "device_idle_pct", "prefetch_stall_pct", "boundary_ms", "container_ms",
                 "worker_ms_per_step", "bank_read_Bps", "storage_read_Bps", "storage_written_Bps",
                 "bank_blocks_initialised_per_s", "cpu_cores_used", "peak_host_rss_GiB")
@@ -304,6 +332,10 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="bench.py host", description=__doc__.splitlines()[0])
     p.add_argument("--num-classes", type=int, nargs="+", default=[1_000_000])
+    p.add_argument("--heads", nargs="+", choices=["partial_fc", "dcp", "attfc"], default=["partial_fc"],
+                   help="partial_fc, or the bank mode of dcp / attfc (their CenterBank, every id seen)")
+    p.add_argument("--bank-negatives", type=int, default=16_384,
+                   help="dcp / attfc: head.bank_negatives, the bank rows read per step")
     p.add_argument("--tiers", nargs="+", choices=["ram", "nvme"], default=["ram", "nvme"])
     p.add_argument("--labels", nargs="+", choices=LABEL_ORDERS, default=["uniform", "grouped", "block"])
     p.add_argument("--num-slots", type=int, nargs="+", default=[65_536], help="DCC slots K (cache.num_slots)")
@@ -334,17 +366,19 @@ def main(argv: list[str]) -> int:
         Path(d).mkdir(parents=True, exist_ok=True)
     env = environment()
     failed = 0
-    for n in args.num_classes:
+    for n, head in ((n, head) for n in args.num_classes for head in args.heads):
         for tier in args.tiers:
             for state in args.bank_states:
                 for dtype in args.bank_dtypes:
-                    spec_base = {"num_classes": n, "tier": tier, "bank_state": state, "bank_dtype": dtype,
+                    spec_base = {"head": head, "num_classes": n, "tier": tier, "bank_state": state,
+                                 "bank_dtype": dtype, "bank_negatives": args.bank_negatives if head != "partial_fc"
+                                 else 0,
                                  "batch_size": args.batch_size, "dim": args.dim, "warmup": args.warmup,
                                  "steps": args.steps, "images_per_identity": args.images_per_identity,
                                  "bank_dir": args.bank_dir, "config_file": args.config, "overrides": args.overrides}
                     prepared = 0.0
                     if state == "warm" and tier == "nvme":
-                        spec_base["warm_bank_path"], prepared = _warm_bank(args, n, dtype)
+                        spec_base["warm_bank_path"], prepared = _warm_bank(args, n, dtype, head)
                     for labels in args.labels:
                         for k in args.num_slots:
                             for t in args.device_ms:
@@ -360,7 +394,7 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _warm_bank(args: argparse.Namespace, num_classes: int, dtype: str) -> tuple[str, float]:
+def _warm_bank(args: argparse.Namespace, num_classes: int, dtype: str, head_kind: str) -> tuple[str, float]:
     """The path of the warm nvme bank of a row (made now when it is not there) and the seconds making it took."""
     from offloadfr.bank.layout import auto_chunk_rows
     from offloadfr.config import load_config
@@ -369,9 +403,10 @@ def _warm_bank(args: argparse.Namespace, num_classes: int, dtype: str) -> tuple[
     chunk_rows = cfg.bank.chunk_rows or auto_chunk_rows(num_classes, args.dim)
     dtype = dtype or cfg.bank.dtype
     path = warm_bank_path(args.warm_bank_dir, num_classes=num_classes, dim=args.dim, dtype=dtype,
-                          chunk_rows=chunk_rows)
+                          chunk_rows=chunk_rows, head_kind=head_kind)
     seconds = prepare_warm_bank(path, num_classes=num_classes, dim=args.dim, dtype=dtype, chunk_rows=chunk_rows,
-                                seed=cfg.bank.seed, init_std=cfg.bank.init_std, progress=sys.stderr.isatty())
+                                seed=cfg.bank.seed, init_std=cfg.bank.init_std, head_kind=head_kind,
+                                progress=sys.stderr.isatty())
     return str(path), seconds
 
 

@@ -58,6 +58,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from offloadfr.bank.base import ClassBank
@@ -77,12 +78,14 @@ _WRITE_BACK_CHUNK = 65536
 
 
 def _in_sorted(ids: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
-    """Whether each of ``ids`` is in ``sorted_ids`` (ascending): one ``searchsorted``, several times faster than
-    ``torch.isin`` on the CPU (21.8 k ids against 43.6 k: 8 ms for isin on the CPU VM)."""
+    """Whether each of ``ids`` (CPU int64) is in ``sorted_ids`` (CPU int64, ascending): one numpy ``searchsorted``,
+    several times faster than ``torch.isin`` (21.8 k ids against 43.6 k on the CPU VM: 8 ms for isin, 1-2 ms here;
+    numpy's search is also faster than torch's on the CPU)."""
     if not sorted_ids.numel():
         return torch.zeros(ids.shape, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
-    return sorted_ids[pos] == ids
+    ref = sorted_ids.numpy()
+    pos = np.minimum(np.searchsorted(ref, ids.numpy()), ref.size - 1)
+    return torch.from_numpy(ref[pos] == ids.numpy())
 
 
 @dataclass
