@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import resource
 import shutil
 import sys
@@ -55,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offloadfr.bench.rows import emit_row, environment, markdown_table, run_in_own_process
+from offloadfr.bench.rows import emit_row, environment, markdown_table, row_commands, run_in_own_process
 
 __all__ = ["bench_one", "main", "prepare_warm_bank", "table", "HOST_COLUMNS", "BANK_STATES"]
 
@@ -319,15 +318,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str]) -> int:
     """``host`` subcommand of launch/bench.py: one subprocess per configuration; prints JSON rows."""
-    if argv and argv[0] == "_one":
-        print(json.dumps(bench_one(json.loads(argv[1]))))
-        return 0
-    if argv and argv[0] == "--table":  # bench.py host --table rows.jsonl
-        if len(argv) != 2:
-            raise SystemExit("usage: bench.py host --table ROWS.jsonl")
-        lines = Path(argv[1]).read_text().splitlines()
-        print(table([row for row in map(json.loads, lines) if row.get("bench") == "host"]))
-        return 0
+    done = row_commands(argv, bench="host", bench_one=bench_one, table=table)
+    if done is not None:
+        return done
     from offloadfr.bench.train import LABEL_ORDERS
 
     p = argparse.ArgumentParser(prog="bench.py host", description=__doc__.splitlines()[0])

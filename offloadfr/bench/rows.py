@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_in_own_process", "emit_row", "markdown_table", "device_name", "environment"]
+__all__ = ["run_in_own_process", "row_commands", "emit_row", "markdown_table", "device_name", "environment"]
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout, so the child imports this offloadfr
 
@@ -32,6 +32,24 @@ def run_in_own_process(module: str, spec: dict[str, Any], *, bench: str) -> dict
     oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
     return {"bench": bench, "status": "oom" if oom else "error", **spec,
             "error": err[-1] if err else str(proc.returncode)}
+
+
+def row_commands(argv: Sequence[str], *, bench: str, bench_one: Callable[[dict[str, Any]], dict[str, Any]],
+                 table: Callable[[list[dict[str, Any]]], str]) -> int | None:
+    """The two commands of a benchmark that runs each configuration in its own process, answered before its options:
+    ``_one SPEC`` (the child of :func:`run_in_own_process`: runs ``bench_one`` on the JSON spec, prints its row) and
+    ``--table ROWS.jsonl`` (prints ``table`` of the file's rows of this ``bench``). Returns the exit code, or None
+    when ``argv`` is neither."""
+    if argv and argv[0] == "_one":
+        print(json.dumps(bench_one(json.loads(argv[1]))))
+        return 0
+    if argv and argv[0] == "--table":
+        if len(argv) != 2:
+            raise SystemExit(f"usage: bench.py {bench} --table ROWS.jsonl")
+        lines = Path(argv[1]).read_text().splitlines()
+        print(table([row for row in map(json.loads, lines) if row.get("bench") == bench]))
+        return 0
+    return None
 
 
 def emit_row(row: dict[str, Any], out: str | None) -> None:

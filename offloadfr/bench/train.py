@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import resource
 import shutil
@@ -53,7 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offloadfr.bench.rows import device_name, emit_row, environment, markdown_table, run_in_own_process
+from offloadfr.bench.rows import device_name, emit_row, environment, markdown_table, row_commands, run_in_own_process
 
 __all__ = ["bench_one", "main", "make_labels", "table", "LABEL_ORDERS", "BACKBONE_ONLY", "TABLE_COLUMNS"]
 
@@ -397,15 +396,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str]) -> int:
     """``train`` subcommand of launch/bench.py: one subprocess per configuration; prints JSON rows."""
-    if argv and argv[0] == "_one":
-        print(json.dumps(bench_one(json.loads(argv[1]))))
-        return 0
-    if argv and argv[0] == "--table":  # bench.py train --table rows.jsonl
-        if len(argv) != 2:
-            raise SystemExit("usage: bench.py train --table ROWS.jsonl")
-        text = Path(argv[1]).read_text()
-        print(table([row for row in map(json.loads, text.splitlines()) if row.get("bench") == "train"]))
-        return 0
+    done = row_commands(argv, bench="train", bench_one=bench_one, table=table)
+    if done is not None:
+        return done
     from offloadfr.bench.backbone import ENGINES
 
     p = argparse.ArgumentParser(prog="bench.py train", description=__doc__.splitlines()[0])
