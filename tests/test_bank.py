@@ -493,3 +493,20 @@ def test_journal_chunk_files_read_the_same_through_zarr(tmp_path: Path, tier: st
     reopened = ZarrBank.open(tmp_path / "b", tier=tier, read_only=True)
     assert reopened.step == 1 and torch.equal(reopened.read_rows(torch.arange(n)), want)
     reopened.close()
+
+
+def test_ram_tier_tensors_ask_for_huge_pages(tmp_path: Path) -> None:
+    """The ram tier's big tensors are advised into transparent huge pages (where the kernel has THP), and are plain
+    pageable memory (the prefetcher copies rows out into its own pinned buffers)."""
+    from offloadfr.bank.ram_tier import _advise_huge_pages
+
+    bank = ZarrBank.create(tmp_path / "b", num_classes=8192, dim=512, arrays=("centers",), head_kind="partial_fc",
+                           chunk_rows=1024, tier="ram")
+    bank.read_rows(torch.arange(10))
+    tensor = bank._tensors["centers"]  # noqa: SLF001 - the allocation under test
+    assert not tensor.is_pinned()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.exists() and "[never]" not in thp.read_text():
+        assert _advise_huge_pages(tensor)  # 16 MiB: whole huge pages inside it
+    assert not _advise_huge_pages(torch.empty(16))  # no whole huge page inside 64 bytes
+    bank.close()

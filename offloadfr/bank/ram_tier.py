@@ -2,18 +2,26 @@
 
 Legend: N = num_classes, D = dim, R = chunk_rows (ids per block), n = number of ids in one call.
 
-One (N, D) host tensor per array (pinned when CUDA is available), filled block by block on first touch; reads and
+One (N, D) host tensor per array (in transparent huge pages, below), filled block by block on first touch; reads and
 writes are ``index_select`` / ``index_copy_``; writes mark their blocks dirty, and a flush stages the dirty blocks
 in runs of consecutive blocks. The tensors hold the bank's dtype (``bank.dtype``: float32, or bfloat16 at half the
 memory). They are allocated on the first read or write, so the host must have N * D * 4 bytes per array (2 for
 bfloat16; ``check_ram_fits``, which ``open_bank`` calls). A rank of a multi-process run holds only
 its own id range: ``hold_rows(start, end)`` before the first access makes the tensors (end − start) × D, and ids
 outside the range are refused.
+
+Huge pages. The tensors ask the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``; Linux, where THP is
+``madvise`` or ``always``): a step reads and writes some 20 k rows at random places in tensors of up to tens of GB,
+and with 4 KiB pages most of those accesses miss the TLB. 21,800 bfloat16 rows of 512 in an 8M-row tensor on the CPU
+VM: read 8.4 -> 5.2 ms, write 18.9 -> 13.9 ms. The tensors are not pinned: rows leave them by ``index_select`` into
+the prefetcher's own pinned buffers (``read_rows_into``), so pinning tens of GB of host memory would buy nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 
 import torch
 
@@ -47,6 +55,28 @@ def check_ram_fits(*, num_classes: int, dim: int, num_arrays: int, available: in
         raise BankError(f"bank.tier = 'ram' needs {need / 2**30:.1f} GiB of host memory{who} for {num_classes} x "
                         f"{dim} x {num_arrays} {dtype} but {free / 2**30:.1f} GiB is available; set bank.tier = 'nvme' "
                         "(served block by block from disk)")
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux's asm-generic/mman-common.h
+
+
+def _advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Asks Linux to back the whole 2 MiB pages inside ``tensor``'s memory with transparent huge pages (before its
+    first touch); returns whether the call was made and succeeded (False elsewhere, or when THP is off)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    ptr, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    start = -(-ptr // _HUGE_PAGE) * _HUGE_PAGE
+    length = (ptr + size - start) // _HUGE_PAGE * _HUGE_PAGE
+    if length <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise(start, length, _MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class RamTier(BlockLoading):
@@ -88,12 +118,12 @@ class RamTier(BlockLoading):
         self._dirty[array][ids // self.chunk_rows - self._held[0] // self.chunk_rows] = True
 
     def _ram_allocate(self) -> None:
-        """Allocates the ram tier's tensors for the ids held (pinned when CUDA is available)."""
+        """Allocates the ram tier's tensors for the ids held, in huge pages where the kernel offers them."""
         start, end = self._held
         num_blocks = math.ceil(end / self.chunk_rows) - start // self.chunk_rows
-        pin = torch.cuda.is_available()
         for name in self.arrays:
-            self._tensors[name] = torch.empty((end - start, self.dim), dtype=self.dtype, pin_memory=pin)
+            self._tensors[name] = torch.empty((end - start, self.dim), dtype=self.dtype)
+            _advise_huge_pages(self._tensors[name])
             self._loaded[name] = torch.zeros(num_blocks, dtype=torch.bool)
             self._dirty[name] = torch.zeros(num_blocks, dtype=torch.bool)
 
