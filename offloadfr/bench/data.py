@@ -169,7 +169,8 @@ def measure_loader_cores(cfg: DataCfg, *, samplers: list[str], decoders: list[st
     cores ``target_img_per_s`` needs (4,500 img/s: iresnet50 at B = 256 on an H100).
 
     Each measurement runs the loader in this process (``num_workers = 0``: read, shuffle or plan, decode, flip,
-    batch, all on one core) and divides the images of ``num_batches`` batches, after the first, by the CPU time
+    batch, all on one core) and divides the images of ``num_batches`` batches (every decoded image: an attention
+    batch's keys too), after the first, by the CPU time
     (``time.process_time``) they took; the settings alternate within each round, so the machine's load hits them alike.
     A second figure checks it with the workers of ``cfg.num_workers``: images per second of wall time and the CPU
     time of the training process and its workers (joined, ``RUSAGE_CHILDREN``) per image, worker start-up included.
@@ -186,13 +187,16 @@ def measure_loader_cores(cfg: DataCfg, *, samplers: list[str], decoders: list[st
                                   image_size=image_size, batch_size=batch_size, seed=0, epoch=0,
                                   block_rows=max(1, cfg.block_rows), block_window=max(1, cfg.block_window))
 
+    def count(x: torch.Tensor) -> int:  # images in a batch: (B, 3, S, S), or (B, 1 + keys, 3, S, S) for attention
+        return x.numel() // (3 * image_size * image_size)
+
     def in_process(sampler: str, decoder: str) -> float:
         """CPU seconds per image of batches 2 .. num_batches + 1, loaded in this process."""
         batches = iter(loader(sampler, decoder, 0))
         next(batches)  # the plan, the first shard opened
         cpu, images = time.process_time(), 0
         for _, (x, _) in zip(range(num_batches), batches, strict=False):
-            images += x.shape[0]
+            images += count(x)
         return (time.process_time() - cpu) / images
 
     def with_workers(sampler: str, decoder: str) -> tuple[float, float]:
@@ -201,7 +205,7 @@ def measure_loader_cores(cfg: DataCfg, *, samplers: list[str], decoders: list[st
         t0, images = time.perf_counter(), 0
         batches = iter(loader(sampler, decoder, cfg.num_workers))
         for _, (x, _) in zip(range(num_batches), batches, strict=False):
-            images += x.shape[0]
+            images += count(x)
         wall = time.perf_counter() - t0
         del batches  # joins the workers, so that their CPU time is counted
         after = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
