@@ -48,7 +48,8 @@ class ClassBank(ABC):
     def read_rows_into(self, ids: torch.Tensor, out: torch.Tensor, array: str = "centers") -> None:
         """``read_rows`` into ``out`` ((n, D) CPU, ``dtype``, contiguous): the prefetcher reads into its own (pinned)
         buffers. Banks that can fill ``out`` directly override this and skip allocating the rows anew (a fresh 40 MB
-        tensor is 10 k page faults: a third of a 20 k-row read's time on the CPU VM)."""
+        tensor is 10 k page faults: a third of a 20 k-row read's time on the CPU VM); ``MemoryBank`` and ``ZarrBank``
+        do, and raise ``BankError`` for an ``out`` of the wrong shape, dtype or device."""
         out.copy_(self.read_rows(ids, array))
 
     @abstractmethod

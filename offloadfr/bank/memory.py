@@ -81,6 +81,14 @@ def _check_rows(rows: torch.Tensor, num_ids: int, dim: int, dtype: torch.dtype =
     return rows.detach().to(device="cpu", dtype=dtype)
 
 
+def _check_out(out: torch.Tensor, num_ids: int, dim: int, dtype: torch.dtype) -> None:
+    """Refuses a ``read_rows_into`` buffer that is not an (n, D) CPU tensor of the bank's dtype (``index_select``
+    would resize or convert it silently)."""
+    if tuple(out.shape) != (num_ids, dim) or out.dtype != dtype or out.device.type != "cpu":
+        raise BankError(f"out has shape {tuple(out.shape)}, {out.dtype} on {out.device}; read_rows_into needs "
+                        f"({num_ids}, {dim}) {dtype} on the CPU")
+
+
 def _check_step(step: int) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise BankError(f"flush step={step!r} must be an int >= 0 (the training step of the checkpoint)")
@@ -148,19 +156,20 @@ class MemoryBank(ClassBank):
         Raises:
             BankError: an id is outside ``[0, N)`` or ``array`` is unknown.
         """
-        _check_array(self, array)
-        ids = _check_ids(ids, self.num_classes, unique=False)
-        with self._lock:
-            self._rows_read += ids.numel()
-            return self._tensors[array].index_select(0, ids)
+        return self._read(ids, array, None)
 
     def read_rows_into(self, ids: torch.Tensor, out: torch.Tensor, array: str = "centers") -> None:
-        """``read_rows`` into ``out`` ((n, D) CPU tensor of ``dtype``), with no intermediate tensor."""
+        self._read(ids, array, out)  # straight into ``out``: no intermediate tensor
+
+    def _read(self, ids: torch.Tensor, array: str, out: torch.Tensor | None) -> torch.Tensor:
+        """The checks and the read of ``read_rows`` (``out`` None: a new tensor) and ``read_rows_into``."""
         _check_array(self, array)
         ids = _check_ids(ids, self.num_classes, unique=False)
+        if out is not None:
+            _check_out(out, ids.numel(), self.dim, self.dtype)
         with self._lock:
             self._rows_read += ids.numel()
-            torch.index_select(self._tensors[array], 0, ids, out=out)
+            return torch.index_select(self._tensors[array], 0, ids, out=out)
 
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
         """Stores ``rows`` (n, D; rounded to ``dtype`` to nearest) at unique ``ids``.

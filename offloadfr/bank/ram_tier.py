@@ -108,10 +108,7 @@ class RamTier(BlockLoading):
             self._held = (start, end)
 
     def _ram_read(self, array: str, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        tensor = self._ram_tensor(array, ids)
-        if out is None:
-            return tensor.index_select(0, ids - self._held[0])
-        return torch.index_select(tensor, 0, ids - self._held[0], out=out)
+        return torch.index_select(self._ram_tensor(array, ids), 0, ids - self._held[0], out=out)
 
     def _ram_write(self, array: str, ids: torch.Tensor, rows: torch.Tensor) -> None:
         self._ram_tensor(array, ids).index_copy_(0, ids - self._held[0], rows)

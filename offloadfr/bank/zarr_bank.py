@@ -37,7 +37,7 @@ from offloadfr.bank.base import ClassBank
 from offloadfr.bank.dtypes import check_dtype
 from offloadfr.bank.io_pool import MAX_AUTO_IO_THREADS, default_io_threads
 from offloadfr.bank.layout import create_layout, open_layout
-from offloadfr.bank.memory import _check_array, _check_ids, _check_not_pending, _check_rows, _check_shape
+from offloadfr.bank.memory import _check_array, _check_ids, _check_not_pending, _check_out, _check_rows, _check_shape
 from offloadfr.bank.nvme_tier import NvmeTier
 from offloadfr.bank.ram_tier import RamTier, check_ram_fits
 from offloadfr.config import BankCfg
@@ -180,31 +180,21 @@ class ZarrBank(RamTier, NvmeTier, ClassBank):
         Raises:
             BankError: the bank is closed, an id is outside ``[0, N)`` or ``array`` is unknown.
         """
-        _check_array(self, array)
-        ids = _check_ids(ids, self.num_classes, unique=False)
-        with self._lock:
-            self._check_open()
-            self._counts["rows_read"] += ids.numel()
-            return self._ram_read(array, ids) if self.tier == "ram" else self._nvme_read(array, ids)
+        return self._read(ids, array, None)
 
     def read_rows_into(self, ids: torch.Tensor, out: torch.Tensor, array: str = "centers") -> None:
-        """``read_rows`` into ``out`` ((n, D) CPU tensor of ``dtype``), with no intermediate tensor.
+        self._read(ids, array, out)  # straight into ``out``: no intermediate tensor
 
-        Raises:
-            BankError: as ``read_rows``, or ``out`` has the wrong shape or dtype.
-        """
+    def _read(self, ids: torch.Tensor, array: str, out: torch.Tensor | None) -> torch.Tensor:
+        """The checks and the tier's read of ``read_rows`` (``out`` None: a new tensor) and ``read_rows_into``."""
         _check_array(self, array)
         ids = _check_ids(ids, self.num_classes, unique=False)
-        if out.shape != (ids.numel(), self.dim) or out.dtype != self.dtype or out.device.type != "cpu":
-            raise BankError(f"out has shape {tuple(out.shape)}, {out.dtype} on {out.device}; read_rows_into needs "
-                            f"({ids.numel()}, {self.dim}) {self.dtype} on the CPU")
+        if out is not None:
+            _check_out(out, ids.numel(), self.dim, self.dtype)
         with self._lock:
             self._check_open()
             self._counts["rows_read"] += ids.numel()
-            if self.tier == "ram":
-                self._ram_read(array, ids, out=out)
-            else:
-                self._nvme_read(array, ids, out=out)
+            return self._ram_read(array, ids, out) if self.tier == "ram" else self._nvme_read(array, ids, out)
 
     def write_rows(self, ids: torch.Tensor, rows: torch.Tensor, array: str = "centers") -> None:
         """Stores ``rows`` (n, D; rounded to ``dtype`` to nearest) at unique ``ids``; durable after the next

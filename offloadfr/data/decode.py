@@ -6,7 +6,7 @@ per 112 × 112 face on the CPU VM, PIL (``Image.open(...).convert("RGB")``, then
 PIL's per-image overhead, not the decode (docs/benchmarks/loader_cores_cpu-2core_202612.md). ``data.decoder``:
 
 - ``"auto"`` (default): ``simplejpeg`` when it is installed (a dependency of offloadfr), else PIL;
-- ``"simplejpeg"``, ``"pil"``: that one (``simplejpeg`` refused at the first decode when it is not installed).
+- ``"simplejpeg"``, ``"pil"``: that one (``simplejpeg`` refused when the loader is built, if it is not installed).
 
 ``simplejpeg`` decodes only the colour spaces whose RGB it computes as PIL does (YCbCr and greyscale, which is every
 image ``offloadfr convert`` writes); CMYK/YCCK files and bytes it cannot parse go to PIL, which decodes them or raises
@@ -17,7 +17,6 @@ the error the loader counts as a corrupt sample. A stored image of another side 
 from __future__ import annotations
 
 import io
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -26,8 +25,8 @@ from offloadfr.errors import ConfigError
 
 __all__ = ["decode_face", "resolve_decoder", "DECODERS"]
 
-Decoder = Literal["auto", "simplejpeg", "pil"]
 DECODERS = ("auto", "simplejpeg", "pil")
+"""The values of ``data.decoder`` (config/sections.py)."""
 
 _SAME_AS_PIL = ("YCbCr", "Gray")  # the colour spaces simplejpeg converts to RGB exactly as PIL does
 
