@@ -181,12 +181,9 @@ def _keep_freed_memory() -> bool:
 
 def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs one configuration in this process; returns its JSON row."""
-    from offloadfr.bank.layout import auto_chunk_rows
-
     malloc_kept = _keep_freed_memory()
-
     cfg = _resolve_config(spec)
-    n, dim = spec["num_classes"], cfg.model.embedding_size
+    n = spec["num_classes"]
     fresh_root = None
     if spec["bank_state"] == "warm" and cfg.bank.tier == "nvme":
         bank_path = Path(spec["warm_bank_path"])
@@ -198,7 +195,7 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
         try:
             if spec["bank_state"] == "warm" and cfg.bank.tier == "ram":
                 _make_resident(head.bank, n)
-            row = _measure(spec, cfg, head, cfg.bank.chunk_rows or auto_chunk_rows(n, dim))
+            row = _measure(spec, cfg, head)
         finally:
             head.close()
     finally:
@@ -209,17 +206,17 @@ def bench_one(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _measure(spec: dict[str, Any], cfg: Any, head: Any, block_rows: int) -> dict[str, Any]:
+def _measure(spec: dict[str, Any], cfg: Any, head: Any) -> dict[str, Any]:
     """The warmup and the timed steps (module docstring); returns the row without its config."""
     from offloadfr.bench.train import make_labels
     from offloadfr.train.trainer import with_lookahead
 
     warmup, steps, wait_s = spec["warmup"], spec["steps"], spec["device_ms"] / 1e3
     lookahead = cfg.cache.lookahead
+    prefetcher, bank = head.prefetcher, head.bank
     labels = make_labels(spec["labels"], num_classes=spec["num_classes"], batch_size=spec["batch_size"],
                          num_batches=warmup + steps + lookahead, images_per_identity=spec["images_per_identity"],
-                         block_rows=block_rows, block_window=cfg.bank.cache_blocks, seed=cfg.run.seed)
-    prefetcher, bank = head.prefetcher, head.bank
+                         block_rows=bank.chunk_rows, block_window=cfg.bank.cache_blocks, seed=cfg.run.seed)
     plan_s = [0.0]
     container_s = _time_container(head.dcc, prefetcher)
 
